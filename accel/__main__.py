@@ -1,0 +1,3 @@
+from accel.info import info
+
+info()

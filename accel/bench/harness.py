@@ -1,0 +1,695 @@
+"""The benchmark harness behind ``python -m accel.bench``.
+
+Every case times accel and its peers **in the same process, interleaved**: after a warm-up, each
+round calls every implementation once (A, B, C, then B, C, A, ...: the starting implementation
+rotates so no implementation always follows the same one), and the reported time is the median
+over rounds. Drift (thermal, frequency, a neighbour's load) therefore hits every implementation
+alike, and the ratio ``peer / accel`` is what to read (``> 1`` means accel is faster).
+
+Memory:
+
+* CUDA: ``torch.cuda.max_memory_allocated()`` minus ``memory_allocated()`` just before the call
+  (peak stats reset before each call), i.e. the extra device memory one call needs.
+* CPU: PyTorch keeps no statistics for CPU allocations, so the harness measures the **peak RSS
+  increase during one call** in a separate process (``multiprocessing`` spawn, one worker reused
+  across cases): the worker builds the same inputs, warms every implementation up on a small
+  instance of the case, then for each implementation resets the kernel's RSS high-water mark
+  (``/proc/self/clear_refs``), reads ``VmRSS``, makes one call at full size and reads ``VmHWM``.
+  In the worker, glibc's ``mmap`` threshold is pinned (``mallopt``) so that every large block is
+  mapped on allocation and unmapped on free: freed memory is not silently reused, and RSS tracks
+  live allocations. The timing process is left untouched.
+
+Adding an op: write a module with ``cases(args) -> list[Case]`` (see :mod:`accel.bench.conv`)
+and add it to :data:`OPS`.
+"""
+from __future__ import annotations
+
+import argparse
+import concurrent.futures
+import ctypes
+import datetime
+import gc
+import importlib
+import json
+import math
+import multiprocessing
+import os
+import platform
+import statistics
+import sys
+import time
+from dataclasses import asdict, dataclass, field
+from typing import Callable, Dict, List, Optional, Sequence, Tuple
+
+import torch
+
+# op name -> module providing ``cases(args) -> list[Case]``; imported only when selected.
+OPS: Dict[str, str] = {
+    "conv": "accel.bench.conv",
+}
+
+SIZES = ("tiny", "quick", "full")
+DTYPES = {
+    "float32": torch.float32,
+    "fp32": torch.float32,
+    "float64": torch.float64,
+    "bfloat16": torch.bfloat16,
+    "bf16": torch.bfloat16,
+    "float16": torch.float16,
+    "fp16": torch.float16,
+}
+
+MiB = 1024 * 1024
+
+
+# --------------------------------------------------------------------------- cases
+
+@dataclass
+class Setup:
+    """What a case builder returns: zero-argument callables, each doing the timed work once.
+
+    ``impls`` maps an implementation name to its callable; the callable's return value is used
+    only by the correctness check (forward: the output; forward+backward: the gradients).
+    ``reset`` (optional) drops state the callables leave behind (``.grad``), so a memory
+    measurement does not start with the previous implementation's gradients alive.
+    """
+
+    impls: Dict[str, Callable[[], object]]
+    reset: Optional[Callable[[], None]] = None
+
+
+@dataclass
+class Case:
+    """One benchmark case: accel (``baseline``) against each of ``peers``.
+
+    ``builder(**params)`` must be a module-level function (the memory worker re-imports it by
+    name) returning a :class:`Setup` whose ``impls`` contain ``baseline``, every peer and every
+    ``aux`` name. ``aux`` implementations are timed in the same rounds but not compared (e.g. a
+    ``copy_`` of the same bytes, the bandwidth yardstick).
+    """
+
+    op: str
+    group: str
+    name: str
+    mode: str  # "fwd" or "fwd+bwd"
+    builder: Callable[..., Setup]
+    params: dict
+    baseline: str = "accel"
+    peers: Tuple[str, ...] = ()
+    aux: Tuple[str, ...] = ()
+    # outputs of these peers are compared with the baseline's (relative max abs difference)
+    check: Tuple[str, ...] = ()
+    tol: float = 1e-4
+    # bandwidth: bytes an ideal baseline kernel reads + writes, and the bytes the aux impl
+    # ``bw_ref`` (a copy) reads + writes; both None when bandwidth is not reported for the case.
+    bw_bytes: Optional[int] = None
+    bw_ref: Optional[str] = None
+    bw_ref_bytes: Optional[int] = None
+    # parameters of a small instance, used to warm up the memory worker
+    warm_params: Optional[dict] = None
+    note: str = ""
+
+    @property
+    def impl_names(self) -> Tuple[str, ...]:
+        return (self.baseline,) + tuple(self.peers) + tuple(self.aux)
+
+
+# --------------------------------------------------------------------------- timing
+
+def _sync(device: str) -> None:
+    if device.startswith("cuda"):
+        torch.cuda.synchronize()
+
+
+def time_interleaved(
+    fns: Dict[str, Callable[[], object]],
+    *,
+    warmup: int = 1,
+    min_reps: int = 5,
+    max_reps: int = 50,
+    budget_s: float = 2.0,
+    device: str = "cpu",
+    keep_first: Sequence[str] = (),
+) -> Tuple[Dict[str, List[float]], Dict[str, object]]:
+    """Time ``fns`` round-robin; return ``({name: [seconds per round]}, {name: first output})``.
+
+    ``warmup`` rounds are run first (at least one; its outputs are returned for the names in
+    ``keep_first``, for the correctness check). The number of timed rounds is ``budget_s``
+    divided by the duration of the last warm-up round, clamped to ``[min_reps, max_reps]``.
+    Each round rotates the starting implementation.
+    """
+    names = list(fns)
+    n = len(names)
+    first: Dict[str, object] = {}
+    round_s = 0.0
+    for w in range(max(1, warmup)):
+        t_round = time.perf_counter()
+        for i in range(n):
+            name = names[(w + i) % n]
+            out = fns[name]()
+            if w == 0 and name in keep_first:
+                first[name] = out
+            del out
+        _sync(device)
+        round_s = time.perf_counter() - t_round
+    reps = int(min(max_reps, max(min_reps, math.ceil(budget_s / max(round_s, 1e-9)))))
+    times: Dict[str, List[float]] = {name: [] for name in names}
+    for r in range(reps):
+        for i in range(n):
+            name = names[(r + i) % n]
+            fn = fns[name]
+            _sync(device)
+            t0 = time.perf_counter()
+            out = fn()
+            _sync(device)
+            times[name].append(time.perf_counter() - t0)
+            del out
+    return times, first
+
+
+def _summary(ts: List[float]) -> dict:
+    ms = [t * 1e3 for t in ts]
+    return {"median": statistics.median(ms), "min": min(ms), "max": max(ms), "runs": ms}
+
+
+def _flatten(out) -> List[torch.Tensor]:
+    if isinstance(out, torch.Tensor):
+        return [out]
+    if isinstance(out, (tuple, list)):
+        res = []
+        for o in out:
+            res.extend(_flatten(o))
+        return res
+    return []
+
+
+def compare_outputs(ref, other) -> dict:
+    """Largest ``max|a - b| / max|a|`` over the tensors of two outputs (fp64 arithmetic)."""
+    a_list, b_list = _flatten(ref), _flatten(other)
+    if len(a_list) != len(b_list):
+        return {"rel": float("inf"), "max_abs_diff": float("inf"), "error": "different number of outputs"}
+    worst_rel, worst_abs = 0.0, 0.0
+    for a, b in zip(a_list, b_list):
+        if a is None or b is None:
+            continue
+        if a.shape != b.shape:
+            return {"rel": float("inf"), "max_abs_diff": float("inf"),
+                    "error": f"shape {tuple(a.shape)} vs {tuple(b.shape)}"}
+        if a.numel() == 0:
+            continue
+        a64, b64 = a.detach().double(), b.detach().double()
+        diff = (a64 - b64).abs().max().item()
+        scale = a64.abs().max().item()
+        rel = diff / scale if scale > 0 else diff
+        if not math.isfinite(diff):
+            rel = float("inf")
+        worst_rel, worst_abs = max(worst_rel, rel), max(worst_abs, diff)
+    return {"rel": worst_rel, "max_abs_diff": worst_abs}
+
+
+# --------------------------------------------------------------------------- memory
+
+CPU_MEM_METHOD = ("peak RSS increase during one call, measured in a separate spawned process "
+                  "(after a warm-up on a small instance; glibc mmap threshold pinned)")
+CUDA_MEM_METHOD = "torch.cuda.max_memory_allocated() increase during one call"
+
+
+def _status_kb(key: str) -> int:
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith(key + ":"):
+                return int(line.split()[1])
+    raise KeyError(key)
+
+
+def _reset_hwm() -> bool:
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+        return True
+    except OSError:
+        return False
+
+
+def _pin_malloc() -> bool:
+    """Make glibc map every block >= 64 KiB with mmap and unmap it on free (no dynamic threshold)."""
+    try:
+        libc = ctypes.CDLL("libc.so.6")
+        M_TRIM_THRESHOLD, M_MMAP_THRESHOLD = -1, -3
+        ok = libc.mallopt(M_MMAP_THRESHOLD, 64 * 1024) == 1
+        ok = (libc.mallopt(M_TRIM_THRESHOLD, 128 * 1024) == 1) and ok
+        return ok
+    except OSError:
+        return False
+
+
+_WORKER_STATE = {"pinned": None}
+
+
+def _memory_worker_init(threads: int) -> None:
+    torch.set_num_threads(threads)
+    _WORKER_STATE["pinned"] = _pin_malloc()
+
+
+def _memory_task(builder, params: dict, warm_params: Optional[dict], names: Sequence[str]) -> dict:
+    """Runs in the memory worker: peak RSS increase (bytes) of one call per implementation."""
+    if not _reset_hwm():
+        return {"error": "cannot reset the RSS high-water mark (/proc/self/clear_refs)"}
+    if warm_params is not None:
+        warm = builder(**warm_params)
+        for name in names:
+            warm.impls[name]()
+        del warm
+    setup = builder(**params)
+    result: Dict[str, object] = {}
+    for name in names:
+        if setup.reset is not None:
+            setup.reset()
+        gc.collect()
+        base = _status_kb("VmRSS")
+        _reset_hwm()
+        out = setup.impls[name]()
+        peak = _status_kb("VmHWM")
+        del out
+        result[name] = max(0, peak - base) * 1024
+    if setup.reset is not None:
+        setup.reset()
+    del setup
+    gc.collect()
+    result["_malloc_pinned"] = _WORKER_STATE["pinned"]
+    return result
+
+
+class MemoryMeter:
+    """Measures peak memory of one call per implementation (see the module docstring)."""
+
+    def __init__(self, device: str, enabled: bool = True):
+        self.device = device
+        self.enabled = enabled
+        self._pool: Optional[concurrent.futures.ProcessPoolExecutor] = None
+        self.method = CUDA_MEM_METHOD if device.startswith("cuda") else CPU_MEM_METHOD
+        if not enabled:
+            self.method = "not measured (--no-mem)"
+
+    def _executor(self):
+        if self._pool is None:
+            ctx = multiprocessing.get_context("spawn")
+            self._pool = concurrent.futures.ProcessPoolExecutor(
+                max_workers=1, mp_context=ctx, initializer=_memory_worker_init,
+                initargs=(torch.get_num_threads(),),
+            )
+        return self._pool
+
+    def measure(self, case: Case, setup: Setup) -> Dict[str, Optional[int]]:
+        names = (case.baseline,) + tuple(case.peers)
+        if not self.enabled:
+            return {n: None for n in names}
+        if self.device.startswith("cuda"):
+            return self._measure_cuda(names, setup)
+        return self._measure_cpu(case, names)
+
+    def _measure_cuda(self, names, setup: Setup) -> Dict[str, Optional[int]]:
+        res = {}
+        for name in names:
+            if setup.reset is not None:
+                setup.reset()
+            torch.cuda.synchronize()
+            base = torch.cuda.memory_allocated()
+            torch.cuda.reset_peak_memory_stats()
+            out = setup.impls[name]()
+            torch.cuda.synchronize()
+            res[name] = max(0, torch.cuda.max_memory_allocated() - base)
+            del out
+        if setup.reset is not None:
+            setup.reset()
+        return res
+
+    def _measure_cpu(self, case: Case, names) -> Dict[str, Optional[int]]:
+        try:
+            fut = self._executor().submit(_memory_task, case.builder, case.params, case.warm_params, names)
+            res = fut.result()
+        except Exception as e:  # a crashed or killed worker (e.g. out of memory): report, carry on
+            self.close()
+            print(f"  [memory] {case.name}: measurement failed: {type(e).__name__}: {e}", file=sys.stderr)
+            return {n: None for n in names}
+        if "error" in res:
+            print(f"  [memory] {res['error']}", file=sys.stderr)
+            return {n: None for n in names}
+        if res.get("_malloc_pinned") is False:
+            self.method = CPU_MEM_METHOD.replace("; glibc mmap threshold pinned", "; mallopt unavailable")
+        return {n: res.get(n) for n in names}
+
+    def close(self):
+        if self._pool is not None:
+            self._pool.shutdown(wait=True, cancel_futures=True)
+            self._pool = None
+
+
+# --------------------------------------------------------------------------- running
+
+def run_case(case: Case, args, meter: MemoryMeter) -> dict:
+    setup = case.builder(**case.params)
+    device = case.params.get("device", "cpu")
+    budget = args.budget if args.budget is not None else (0.5 if args.size != "full" else 3.0)
+    times, first = time_interleaved(
+        setup.impls,
+        warmup=args.warmup,
+        min_reps=args.reps,
+        max_reps=max(args.reps, args.max_reps),
+        budget_s=budget,
+        device=device,
+        keep_first=(case.baseline,) + tuple(case.check),
+    )
+    check = {}
+    for peer in case.check:
+        c = compare_outputs(first[case.baseline], first[peer])
+        c["tol"] = case.tol
+        c["ok"] = bool(c["rel"] <= case.tol)
+        check[peer] = c
+    del first
+    if setup.reset is not None:
+        setup.reset()
+    if device.startswith("cuda"):
+        memory = meter.measure(case, setup)
+        del setup
+    else:
+        del setup  # free the inputs before the worker allocates its own copy
+        gc.collect()
+        memory = meter.measure(case, None)
+
+    stats = {name: _summary(ts) for name, ts in times.items()}
+    base_ms = stats[case.baseline]["median"]
+    ratios = {peer: stats[peer]["median"] / base_ms for peer in case.peers}
+    bandwidth = None
+    if case.bw_bytes is not None and case.bw_ref is not None and case.bw_ref in stats:
+        accel_gbs = case.bw_bytes / (base_ms * 1e-3) / 1e9
+        copy_gbs = case.bw_ref_bytes / (stats[case.bw_ref]["median"] * 1e-3) / 1e9
+        bandwidth = {
+            "accel_GBps": accel_gbs,
+            "copy_GBps": copy_gbs,
+            "fraction_of_copy": accel_gbs / copy_gbs,
+            "accel_bytes": case.bw_bytes,
+            "copy_bytes": case.bw_ref_bytes,
+        }
+    return {
+        "op": case.op,
+        "group": case.group,
+        "case": case.name,
+        "mode": case.mode,
+        "params": {k: v for k, v in case.params.items()},
+        "baseline": case.baseline,
+        "peers": list(case.peers),
+        "times_ms": stats,
+        "ratios": ratios,
+        "memory_bytes": memory,
+        "bandwidth": bandwidth,
+        "check": check,
+        "note": case.note,
+    }
+
+
+# --------------------------------------------------------------------------- reporting
+
+def _fmt_ms(v: float) -> str:
+    if v >= 100:
+        return f"{v:.0f}"
+    if v >= 10:
+        return f"{v:.1f}"
+    if v >= 1:
+        return f"{v:.2f}"
+    return f"{v:.3f}"
+
+
+def _fmt_mib(v: Optional[int]) -> str:
+    return "-" if v is None else f"{v / MiB:.1f}"
+
+
+COLUMNS = [("case", 24), ("mode", 7), ("peer", 16), ("accel ms", 9), ("peer ms", 9),
+           ("peer/accel", 10), ("accel MiB", 9), ("peer MiB", 9), ("accel GB/s (% copy)", 19), ("check", 10)]
+
+
+def table_header(group: str, mem_method: str) -> str:
+    head = " | ".join(f"{name:<{w}}" if i < 3 else f"{name:>{w}}" for i, (name, w) in enumerate(COLUMNS))
+    lines = [
+        "",
+        f"== {group} ==",
+        f"   ratio = peer median / accel median (> 1: accel faster); memory = {mem_method}",
+        head,
+        "-" * len(head),
+    ]
+    return "\n".join(lines)
+
+
+def table_rows(res: dict) -> List[str]:
+    rows = []
+    base = res["times_ms"][res["baseline"]]["median"]
+    bw = res["bandwidth"]
+    bw_s = "-" if bw is None else f"{bw['accel_GBps']:.1f} ({100 * bw['fraction_of_copy']:.0f}%)"
+    for i, peer in enumerate(res["peers"]):
+        c = res["check"].get(peer)
+        chk = "-" if c is None else ("ok" if c["ok"] else f"DIFF {c['rel']:.1e}")
+        cells = [
+            res["case"] if i == 0 else "", res["mode"] if i == 0 else "", peer,
+            _fmt_ms(base) if i == 0 else "", _fmt_ms(res["times_ms"][peer]["median"]),
+            f"{res['ratios'][peer]:.2f}x", _fmt_mib(res["memory_bytes"].get(res["baseline"])) if i == 0 else "",
+            _fmt_mib(res["memory_bytes"].get(peer)), bw_s if i == 0 else "", chk,
+        ]
+        rows.append(" | ".join(f"{c:<{w}}" if j < 3 else f"{c:>{w}}" for j, (c, (_, w)) in enumerate(zip(cells, COLUMNS))))
+    return rows
+
+
+def summary_lines(results: List[dict]) -> List[str]:
+    lines = ["", "== summary: peer/accel ratios (geometric mean, min, max over cases) =="]
+    groups: Dict[Tuple[str, str, str], List[float]] = {}
+    for r in results:
+        for peer, ratio in r["ratios"].items():
+            groups.setdefault((r["group"], r["mode"], peer), []).append(ratio)
+    for (group, mode, peer), rs in groups.items():
+        gm = math.exp(sum(math.log(x) for x in rs) / len(rs))
+        lines.append(f"  {group:<34} {mode:<8} vs {peer:<16} {gm:6.2f}x   [{min(rs):.2f}x .. {max(rs):.2f}x]  "
+                     f"({len(rs)} cases)")
+    bws = [r["bandwidth"]["fraction_of_copy"] for r in results if r.get("bandwidth")]
+    if bws:
+        lines.append(f"  accel bandwidth / copy bandwidth (depthwise fwd): median {100 * statistics.median(bws):.0f}%, "
+                     f"min {100 * min(bws):.0f}%, max {100 * max(bws):.0f}%")
+    bad = [(r["case"], r["mode"], p) for r in results for p, c in r["check"].items() if not c["ok"]]
+    if bad:
+        lines.append(f"  OUTPUT MISMATCH in {len(bad)} case(s): " + ", ".join(f"{a} {b} vs {c}" for a, b, c in bad))
+    return lines
+
+
+def machine_info(device: str) -> dict:
+    cpu_model, flags = None, []
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if cpu_model is None and line.startswith("model name"):
+                    cpu_model = line.split(":", 1)[1].strip()
+                if not flags and line.startswith("flags"):
+                    flags = line.split(":", 1)[1].split()
+    except OSError:
+        cpu_model = platform.processor() or None
+    mem_total = None
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemTotal:"):
+                    mem_total = int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    try:
+        affinity = len(os.sched_getaffinity(0))
+    except AttributeError:
+        affinity = None
+    isa = [f for f in ("avx2", "fma", "avx512f", "avx512_bf16", "avx512_fp16", "amx_tile", "amx_bf16") if f in flags]
+    data = {
+        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "cpu_model": cpu_model,
+        "cpu_flags": isa,
+        "logical_cpus": os.cpu_count(),
+        "usable_cpus": affinity,
+        "torch_threads": torch.get_num_threads(),
+        "memory_total_bytes": mem_total,
+        "python": sys.version.split()[0],
+        "platform": platform.platform(),
+        "torch": torch.__version__,
+        "device": device,
+    }
+    if device.startswith("cuda") and torch.cuda.is_available():
+        data["gpu"] = torch.cuda.get_device_name(0)
+    try:
+        import accel
+
+        data["accel"] = accel.info(print_it=False)
+    except Exception as e:  # keep benchmarking the peers' environment description even so
+        data["accel"] = {"error": f"{type(e).__name__}: {e}"}
+    return data
+
+
+def format_machine(m: dict) -> str:
+    a = m.get("accel", {})
+    parts = [
+        f"date {m['date']}",
+        f"cpu {m['cpu_model']} ({m['usable_cpus']} usable of {m['logical_cpus']} logical; {' '.join(m['cpu_flags'])})",
+        f"torch {m['torch']} threads {m['torch_threads']}",
+        f"accel {a.get('accel', '?')} built={a.get('built', '?')} kernel_isa={a.get('kernel_isa', '?')}",
+        f"device {m['device']}" + (f" ({m['gpu']})" if m.get("gpu") else ""),
+    ]
+    return "machine: " + "; ".join(parts)
+
+
+def save_plot(results: List[dict], path: str, title: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    labels, values, colors = [], [], []
+    groups = []
+    for r in results:
+        if r["group"] not in groups:
+            groups.append(r["group"])
+    cmap = plt.get_cmap("tab10")
+    for r in results:
+        for peer, ratio in r["ratios"].items():
+            labels.append(f"{r['case']} {r['mode']} vs {peer}")
+            values.append(ratio)
+            colors.append(cmap(groups.index(r["group"]) % 10))
+    n = max(1, len(values))
+    fig, ax = plt.subplots(figsize=(10, 1.5 + 0.22 * n))
+    ypos = list(range(n))[::-1]
+    ax.barh(ypos, values, color=colors)
+    ax.set_yticks(ypos)
+    ax.set_yticklabels(labels, fontsize=7)
+    ax.set_xscale("log")
+    ax.axvline(1.0, color="black", linewidth=0.8)
+    for y, v in zip(ypos, values):
+        ax.text(v, y, f" {v:.2f}x", va="center", fontsize=6)
+    ax.set_xlabel("peer time / accel time (log scale; > 1 means accel is faster)")
+    ax.set_title(title, fontsize=9)
+    from matplotlib.patches import Patch
+
+    ax.legend(handles=[Patch(color=cmap(i % 10), label=g) for i, g in enumerate(groups)], fontsize=7, loc="lower right")
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+# --------------------------------------------------------------------------- CLI
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="python -m accel.bench",
+        description="Time accel against its peers, interleaved in one process; print ratios (peer/accel).",
+    )
+    p.add_argument("ops", nargs="*", metavar="op", help=f"ops to run (default: all): {', '.join(OPS)}")
+    p.add_argument("--quick", action="store_true", help="small shapes, fewer cases and rounds (< 1 minute)")
+    p.add_argument("--size", choices=SIZES, default=None, help="shape preset (default full; --quick = quick)")
+    p.add_argument("--device", default=None, help="cpu or cuda (default cpu)")
+    p.add_argument("--dtype", default="float32", choices=sorted(DTYPES), help="element type (default float32)")
+    p.add_argument("--json", metavar="PATH", help="write every number, the machine and the versions as JSON")
+    p.add_argument("--plot", metavar="PATH", help="save a bar chart of the ratios (PNG)")
+    p.add_argument("--filter", metavar="TEXT", help="run only cases whose 'group case mode' contains TEXT")
+    p.add_argument("--reps", type=int, default=None, help="minimum timed rounds per case (default 5, quick 3)")
+    p.add_argument("--max-reps", type=int, default=30, help="maximum timed rounds per case (default 30)")
+    p.add_argument("--warmup", type=int, default=1, help="warm-up rounds per case (default 1)")
+    p.add_argument("--budget", type=float, default=None,
+                   help="seconds of timed rounds aimed at per case (default 3, quick 0.5); min/max reps win")
+    p.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (default: torch's choice)")
+    p.add_argument("--no-mem", action="store_true", help="skip the memory measurement")
+    p.add_argument("--extra-peers", action="store_true", help="also time optional peers (e.g. F.pad + conv1d)")
+    p.add_argument("--list", action="store_true", help="list the cases and exit")
+    return p
+
+
+def parse_args(argv=None):
+    args = build_parser().parse_args(argv)
+    if args.size is None:
+        args.size = "quick" if args.quick else "full"
+    args.quick = args.size != "full"
+    if args.device is None:
+        args.device = "cpu"
+    if args.reps is None:
+        args.reps = 5 if args.size == "full" else 3
+    args.torch_dtype = DTYPES[args.dtype]
+    args.dtype = str(args.torch_dtype).replace("torch.", "")
+    return args
+
+
+def collect_cases(args) -> List[Case]:
+    names = args.ops or list(OPS)
+    unknown = [n for n in names if n not in OPS]
+    if unknown:
+        raise SystemExit(f"unknown op(s) {unknown}; known: {list(OPS)}")
+    cases: List[Case] = []
+    for name in names:
+        try:
+            mod = importlib.import_module(OPS[name])
+        except ImportError as e:
+            raise SystemExit(f"cannot benchmark {name!r}: {e}") from e
+        cases.extend(mod.cases(args))
+    if args.filter:
+        cases = [c for c in cases if args.filter in f"{c.group} {c.name} {c.mode}"]
+    return cases
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    if args.device.startswith("cuda") and not torch.cuda.is_available():
+        print("--device cuda: CUDA is not available", file=sys.stderr)
+        return 2
+    cases = collect_cases(args)
+    if args.list:
+        for c in cases:
+            print(f"{c.op:<6} {c.group:<34} {c.name:<28} {c.mode:<8} vs {', '.join(c.peers)}")
+        return 0
+    if not cases:
+        print("no cases selected", file=sys.stderr)
+        return 2
+    machine = machine_info(args.device)
+    print(format_machine(machine))
+    print(f"size={args.size} dtype={args.dtype} device={args.device}: {len(cases)} cases, "
+          f"warm-up {args.warmup} round(s), median of >= {args.reps} interleaved rounds")
+    meter = MemoryMeter(args.device, enabled=not args.no_mem)
+    results: List[dict] = []
+    t_start = time.perf_counter()
+    group = None
+    try:
+        for case in cases:
+            if case.group != group:
+                group = case.group
+                print(table_header(group, meter.method), flush=True)
+            res = run_case(case, args, meter)
+            results.append(res)
+            for row in table_rows(res):
+                print(row, flush=True)
+            if case.note and (len(results) < 2 or results[-2]["note"] != case.note):
+                print(f"   note: {case.note}")
+    finally:
+        meter.close()
+    elapsed = time.perf_counter() - t_start
+    for line in summary_lines(results):
+        print(line)
+    print(f"\n{len(results)} cases in {elapsed:.0f} s")
+    if args.json:
+        payload = {
+            "machine": machine,
+            "args": {k: v for k, v in vars(args).items() if k != "torch_dtype"},
+            "memory_method": meter.method,
+            "timing_method": ("time.perf_counter around each call (torch.cuda.synchronize on CUDA); "
+                              "implementations interleaved round-robin with a rotating start; "
+                              "median over rounds after warm-up"),
+            "elapsed_s": elapsed,
+            "results": results,
+        }
+        with open(args.json, "w") as f:
+            json.dump(payload, f, indent=1)
+        print(f"wrote {args.json}")
+    if args.plot:
+        title = f"accel vs peers ({args.device}, {args.dtype}, {args.size}) — {machine['cpu_model']}, {machine['date'][:10]}"
+        save_plot(results, args.plot, title)
+        print(f"wrote {args.plot}")
+    mismatches = sum(1 for r in results for c in r["check"].values() if not c["ok"])
+    return 1 if mismatches else 0

@@ -1,0 +1,141 @@
+"""Dilated 1-D convolution (the TCN building block), forward and backward as registered ops."""
+from __future__ import annotations
+
+from typing import Optional, Tuple, Union
+
+import torch
+from torch import Tensor
+
+from accel import _ext
+
+_ext.load()
+
+ACTIVATIONS = ("none", "relu", "gelu", "silu")
+
+Padding = Union[str, int]
+
+
+def resolve_padding(padding: Padding, kernel_size: int, dilation: int, length: int) -> Tuple[int, int]:
+    """Return ``(pad_left, out_length)`` for a padding spec.
+
+    ``"causal"`` pads ``(K-1)*dilation`` on the left (output ``t`` sees inputs ``<= t``);
+    ``"same"`` pads ``(K-1)*dilation`` in total, the extra element on the right as
+    ``nn.Conv1d(padding="same")`` does; an int pads that many zeros on both sides.
+    """
+    span = (kernel_size - 1) * dilation
+    if isinstance(padding, bool) or not isinstance(padding, (str, int)):
+        raise ValueError(f"dilated_conv1d: padding must be 'causal', 'same' or an int, got {padding!r}")
+    if isinstance(padding, str):
+        if padding == "causal":
+            return span, length
+        if padding == "same":
+            return span // 2, length
+        raise ValueError(f"dilated_conv1d: padding must be 'causal', 'same' or an int, got {padding!r}")
+    if padding < 0:
+        raise ValueError(f"dilated_conv1d: integer padding must be >= 0, got {padding}")
+    out_length = length + 2 * padding - span
+    if out_length <= 0:
+        raise ValueError(
+            f"dilated_conv1d: padding={padding} leaves no output: L={length} + 2*{padding} is shorter than the "
+            f"receptive field (K-1)*dilation+1 = {span + 1} (K={kernel_size}, dilation={dilation})"
+        )
+    return padding, out_length
+
+
+def dilated_conv1d(
+    x: Tensor,
+    weight: Tensor,
+    bias: Optional[Tensor] = None,
+    *,
+    dilation: int = 1,
+    padding: Padding = "causal",
+    groups: int = 1,
+    activation: Optional[str] = None,
+    residual: Optional[Tensor] = None,
+) -> Tensor:
+    """Dilated 1-D convolution with fused bias, activation and residual add.
+
+    ``out[b, o, t] = act(bias[o] + sum_{i, k} weight[o, i, k] * x[b, g(o)*C_in/groups + i, t + k*dilation - pad_left]) + residual[b, o, t]``
+
+    Args:
+        x: ``(B, C_in, L)``, float32/float64/bfloat16 (float16 on CUDA too).
+        weight: ``(C_out, C_in / groups, K)``, same dtype and device; any ``K >= 1``.
+        bias: optional ``(C_out,)``.
+        dilation: ``>= 1``.
+        padding: ``"causal"`` (left ``(K-1)*dilation``; output length ``L``), ``"same"``
+            (output length ``L``) or an int ``p`` (both sides; output length ``L + 2p - (K-1)*dilation``).
+        groups: divides ``C_in`` and ``C_out``; ``groups == C_in`` is the depthwise fast path.
+        activation: ``None``, ``"relu"``, ``"gelu"`` (exact erf form) or ``"silu"``, applied after the bias.
+        residual: optional ``(B, C_out, L_out)`` tensor added after the activation.
+
+    Returns:
+        ``(B, C_out, L_out)`` in ``x``'s dtype (accumulation is fp32 for low precision).
+    """
+    if not isinstance(x, Tensor) or not isinstance(weight, Tensor):
+        raise TypeError("dilated_conv1d: x and weight must be tensors")
+    if x.dim() != 3:
+        raise ValueError(f"dilated_conv1d: x must be 3-D (B, C_in, L), got shape {tuple(x.shape)}")
+    if weight.dim() != 3:
+        raise ValueError(f"dilated_conv1d: weight must be 3-D (C_out, C_in / groups, K), got shape {tuple(weight.shape)}")
+    if isinstance(dilation, bool) or not isinstance(dilation, int) or dilation < 1:
+        raise ValueError(f"dilated_conv1d: dilation must be an int >= 1, got {dilation!r}")
+    if isinstance(groups, bool) or not isinstance(groups, int) or groups < 1:
+        raise ValueError(f"dilated_conv1d: groups must be an int >= 1, got {groups!r}")
+    act = "none" if activation is None else activation
+    if act not in ACTIVATIONS:
+        raise ValueError(f"dilated_conv1d: activation must be None, 'relu', 'gelu' or 'silu', got {activation!r}")
+    pad_left, out_length = resolve_padding(padding, weight.shape[-1], dilation, x.shape[-1])
+    return torch.ops.accel.dilated_conv1d(x, weight, bias, residual, dilation, pad_left, out_length, groups, act)
+
+
+# ---------------------------------------------------------------- fake (meta) implementations
+
+@torch.library.register_fake("accel::dilated_conv1d")
+def _dilated_conv1d_fake(x, weight, bias, residual, dilation, pad_left, out_length, groups, activation):
+    torch._check(x.dim() == 3, lambda: "dilated_conv1d: x must be 3-D (B, C_in, L)")
+    torch._check(weight.dim() == 3, lambda: "dilated_conv1d: weight must be 3-D")
+    torch._check(x.dtype == weight.dtype, lambda: "dilated_conv1d: x and weight dtypes must match")
+    torch._check(groups >= 1 and x.shape[1] % groups == 0, lambda: "dilated_conv1d: groups must divide C_in")
+    torch._check(weight.shape[0] % groups == 0, lambda: "dilated_conv1d: groups must divide C_out")
+    torch._check(weight.shape[1] * groups == x.shape[1], lambda: "dilated_conv1d: weight.size(1) must be C_in/groups")
+    torch._check(out_length >= 0, lambda: "dilated_conv1d: out_length must be >= 0")
+    return x.new_empty((x.shape[0], weight.shape[0], out_length))
+
+
+@torch.library.register_fake("accel::dilated_conv1d_backward")
+def _dilated_conv1d_backward_fake(grad_out, x, weight, bias, dilation, pad_left, groups, activation, output_mask):
+    grad_x = torch.empty_like(x) if output_mask[0] else x.new_empty((0,))
+    grad_w = torch.empty_like(weight) if output_mask[1] else x.new_empty((0,))
+    grad_b = x.new_empty((weight.shape[0],)) if output_mask[2] and bias is not None else x.new_empty((0,))
+    return grad_x, grad_w, grad_b
+
+
+# ---------------------------------------------------------------- autograd
+
+def _setup_context(ctx, inputs, output):
+    x, weight, bias, residual, dilation, pad_left, out_length, groups, activation = inputs
+    ctx.save_for_backward(x, weight, bias)
+    ctx.has_bias = bias is not None
+    ctx.has_residual = residual is not None
+    ctx.args = (dilation, pad_left, groups, activation)
+
+
+def _backward(ctx, grad_out):
+    x, weight, bias = ctx.saved_tensors
+    dilation, pad_left, groups, activation = ctx.args
+    need = ctx.needs_input_grad
+    mask = [bool(need[0]), bool(need[1]), bool(need[2]) and ctx.has_bias]
+    grad_x = grad_w = grad_b = grad_res = None
+    if any(mask):
+        gx, gw, gb = torch.ops.accel.dilated_conv1d_backward(
+            grad_out.contiguous(), x, weight, bias, dilation, pad_left, groups, activation, mask
+        )
+        grad_x = gx if mask[0] else None
+        grad_w = gw if mask[1] else None
+        grad_b = gb if mask[2] else None
+    if ctx.has_residual and need[3]:
+        grad_res = grad_out
+    return grad_x, grad_w, grad_b, grad_res, None, None, None, None, None
+
+
+torch.library.register_autograd("accel::dilated_conv1d", _backward, setup_context=_setup_context)

@@ -1,0 +1,140 @@
+"""Smoke tests of the benchmark harness (accel.bench) and of the patching demo, on tiny sizes."""
+from __future__ import annotations
+
+import json
+import math
+
+import pytest
+import torch
+
+from accel import _ext
+from accel.bench import harness
+
+needs_ext = pytest.mark.skipif(not _ext.available(), reason="accel._C is not built")
+
+
+# --------------------------------------------------------------------------- timing
+
+def test_time_interleaved_runs_round_robin():
+    log = []
+    fns = {name: (lambda name=name: log.append(name)) for name in "ABC"}
+    times, first = harness.time_interleaved(fns, warmup=2, min_reps=5, max_reps=5, budget_s=0.0, keep_first="B")
+    assert {k: len(v) for k, v in times.items()} == {"A": 5, "B": 5, "C": 5}
+    assert all(t >= 0 for v in times.values() for t in v)
+    assert list(first) == ["B"]
+    assert len(log) == 3 * (2 + 5)
+    rounds = [log[i:i + 3] for i in range(0, len(log), 3)]
+    for r in rounds:  # every round calls each implementation exactly once ...
+        assert sorted(r) == ["A", "B", "C"]
+    assert len({r[0] for r in rounds}) == 3  # ... and the starting implementation rotates
+
+
+def test_time_interleaved_reps_follow_budget():
+    fns = {"a": lambda: None, "b": lambda: None}
+    times, _ = harness.time_interleaved(fns, warmup=1, min_reps=3, max_reps=7, budget_s=10.0)
+    assert len(times["a"]) == 7  # fast calls: capped by max_reps
+    times, _ = harness.time_interleaved(fns, warmup=1, min_reps=3, max_reps=7, budget_s=0.0)
+    assert len(times["a"]) == 3  # no budget: min_reps
+
+
+def test_compare_outputs():
+    a = torch.tensor([1.0, -4.0, 2.0])
+    assert harness.compare_outputs(a, a.clone())["rel"] == 0.0
+    c = harness.compare_outputs((a, a), (a, a + torch.tensor([0.0, 0.0, 0.4])))
+    assert math.isclose(c["rel"], 0.1, rel_tol=1e-6)
+    assert harness.compare_outputs(a, a[:2])["rel"] == math.inf
+    assert harness.compare_outputs(a, torch.tensor([1.0, float("nan"), 2.0]))["rel"] == math.inf
+
+
+# --------------------------------------------------------------------------- memory (spawned worker)
+
+def alloc_builder(nbytes: int, device: str = "cpu") -> harness.Setup:
+    """Module-level (so the spawned worker can import it): 'big' fills nbytes, 'none' allocates nothing."""
+    x = torch.ones(16)
+
+    def big():
+        return torch.ones(nbytes // 4)
+
+    def none():
+        return x.add_(1)
+
+    return harness.Setup({"big": big, "none": none})
+
+
+def test_memory_meter_measures_peak_rss_in_a_worker():
+    nbytes = 64 * 1024 * 1024
+    case = harness.Case(op="t", group="g", name="alloc", mode="fwd", builder=alloc_builder,
+                        params={"nbytes": nbytes}, baseline="big", peers=("none",),
+                        warm_params={"nbytes": 1024})
+    meter = harness.MemoryMeter("cpu")
+    try:
+        mem = meter.measure(case, None)
+    finally:
+        meter.close()
+    assert 0.9 * nbytes <= mem["big"] <= 1.2 * nbytes, mem
+    assert mem["none"] < 4 * 1024 * 1024, mem
+
+
+# --------------------------------------------------------------------------- CLI and conv cases
+
+def test_parse_args_defaults():
+    a = harness.parse_args([])
+    assert (a.size, a.device, a.dtype, a.reps, a.ops) == ("full", "cpu", "float32", 5, [])
+    q = harness.parse_args(["conv", "--quick", "--dtype", "bf16"])
+    assert (q.size, q.dtype, q.reps, q.ops) == ("quick", "bfloat16", 3, ["conv"])
+    assert "conv" in harness.OPS
+    with pytest.raises(SystemExit):
+        harness.collect_cases(harness.parse_args(["no-such-op"]))
+
+
+@needs_ext
+def test_conv_cases_cover_the_brief():
+    from accel.bench import conv
+
+    full = conv.cases(harness.parse_args([]))
+    groups = {c.group for c in full}
+    assert len(groups) == 3
+    dw = [c for c in full if c.group.startswith("depthwise")]
+    assert len(dw) == 3 * 4 * 2 and all(c.params["C"] == 512 and c.params["L"] == 65536 for c in dw)
+    grid = [c for c in full if c.group.startswith("issue grid")]
+    assert len(grid) == 2 * (16 + 1) and sum(c.params["groups"] == 1 for c in grid) == 2
+    tcn = [c for c in full if c.group.startswith("TCN")]
+    assert sorted({c.params["L"] for c in tcn}) == [16384, 32768, 65536, 131072]
+    assert all(c.bw_bytes for c in full if c.mode == "fwd" and c.params.get("groups") == c.params.get("C"))
+
+
+@needs_ext
+def test_cli_tiny_conv_run(tmp_path, capsys):
+    out, png = tmp_path / "r.json", tmp_path / "r.png"
+    rc = harness.main(["conv", "--size", "tiny", "--no-mem", "--reps", "1", "--budget", "0",
+                       "--json", str(out), "--plot", str(png)])
+    text = capsys.readouterr().out
+    assert rc == 0, text
+    assert "peer/accel" in text and "summary" in text
+    data = json.loads(out.read_text())
+    assert data["machine"]["torch"] == torch.__version__
+    assert data["machine"]["accel"]["built"] is True
+    assert {"cpu_model", "logical_cpus", "torch_threads", "date"} <= set(data["machine"])
+    res = data["results"]
+    assert len(res) == 12
+    for r in res:
+        assert all(v > 0 for v in r["ratios"].values())
+        assert all(c["ok"] for c in r["check"].values()), r
+    bw = [r["bandwidth"] for r in res if r["bandwidth"]]
+    assert bw and all(b["fraction_of_copy"] > 0 for b in bw)
+    assert png.stat().st_size > 1000
+
+
+# --------------------------------------------------------------------------- demo
+
+@needs_ext
+def test_demo_tiny(capsys):
+    from accel import demo
+
+    res = demo.run(demo.parse_args(["--channels", "8", "--length", "300", "--blocks", "3", "--reps", "1"]))
+    text = capsys.readouterr().out
+    assert res["ok"], res["failures"]
+    assert res["replaced"] == 3 and res["restored"]
+    assert res["output_rel_diff"] <= demo.OUT_TOL
+    assert set(res["timings"]) == {"forward", "fwd+bwd"}
+    assert "demo OK" in text and "speed-up" in text
