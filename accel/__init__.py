@@ -14,10 +14,11 @@ import importlib
 
 __version__ = "0.1.0"
 
-from accel.info import info  # noqa: E402
 from accel.patching import PatchReport, patch, unpatch  # noqa: E402
 
-_SUBMODULES = ("ops", "nn", "reference", "bench", "patching")
+# Imported on first use: accel.ops/nn need the native extension, and importing accel.info here
+# would make ``python -m accel.info`` warn about a module imported twice.
+_SUBMODULES = ("ops", "nn", "reference", "bench", "patching", "info")
 
 
 def __getattr__(name):

@@ -1,3 +1,3 @@
-from accel.info import info
+from accel._info import info
 
 info()

@@ -196,8 +196,8 @@ def cases(args) -> List[Case]:
         for K in KS[size]:
             for d in DILATIONS[size]:
                 out.append(_conv_case(group, C, L, K, d, C, mode, args, bandwidth=True,
-                                      note="accel GB/s counts x read + y written; % is of out.copy_(x) "
-                                           "timed in the same rounds"))
+                                      note="accel GB/s = (x read + y written) / median time; % is of the "
+                                           "bandwidth of out.copy_(x) (fastest round) timed in the same rounds"))
 
     Cs, Ls, Ks, ds = GRID[size]
     group = f"issue grid, {args.device} {args.dtype}"

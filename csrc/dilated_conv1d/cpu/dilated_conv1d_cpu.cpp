@@ -574,13 +574,14 @@ std::tuple<Tensor, Tensor, Tensor> backward_cpu(const Tensor& grad_, const Tenso
   const Tensor weight = weight_.contiguous();
   const bool has_bias = bias.has_value() && bias->defined();
   const bool need_x = output_mask[0], need_w = output_mask[1], need_b = output_mask[2] && has_bias;
-  const auto empty = at::empty({0}, x.options());
+  // unrequested gradients are distinct empty tensors (outputs of an op must not alias)
+  const auto empty = [&] { return at::empty({0}, x.options()); };
   const auto acc_type = at::toOpMathType(x.scalar_type());
 
   // every element of grad_x is written unless there is no output to propagate from
-  Tensor grad_x = need_x ? (grad.numel() == 0 ? at::zeros_like(x) : empty_for_streaming(x.sizes(), x.options())) : empty;
-  Tensor grad_w = need_w ? at::zeros_like(weight) : empty;
-  Tensor grad_b = need_b ? at::zeros({g.c_out}, x.options()) : empty;
+  Tensor grad_x = need_x ? (grad.numel() == 0 ? at::zeros_like(x) : empty_for_streaming(x.sizes(), x.options())) : empty();
+  Tensor grad_w = need_w ? at::zeros_like(weight) : empty();
+  Tensor grad_b = need_b ? at::zeros({g.c_out}, x.options()) : empty();
   if (!(need_x || need_w || need_b) || grad.numel() == 0) return {grad_x, grad_w, grad_b};
 
   const bool depthwise = g.c_in_per_group == 1 && g.c_out_per_group == 1;
