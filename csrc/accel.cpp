@@ -3,6 +3,8 @@
 #include <torch/extension.h>
 
 #include <ATen/Parallel.h>
+
+#include "common/cpu_memory.h"
 #if __has_include(<torch/headeronly/version.h>)
 #include <torch/headeronly/version.h>
 #else
@@ -46,4 +48,17 @@ pybind11::dict build_info() {
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.doc() = "accel native kernels";
   m.def("build_info", &build_info, "How this extension was built");
+  m.def(
+      "cpu_cache_stats",
+      [] {
+        const auto s = accel::cpu_cache_stats();
+        pybind11::dict d;
+        d["cached_bytes"] = s.cached_bytes;
+        d["in_use_bytes"] = s.in_use_bytes;
+        d["hits"] = s.hits;
+        d["misses"] = s.misses;
+        return d;
+      },
+      "Large CPU output buffers: bytes cached for reuse and in use, cache hits and misses");
+  m.def("cpu_cache_release", &accel::cpu_cache_release, "Free every cached CPU output buffer");
 }

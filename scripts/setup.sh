@@ -16,7 +16,7 @@ fi
 echo "[setup] building accel (MAX_JOBS=${MAX_JOBS:-2}, ACCEL_CUDA=${ACCEL_CUDA:-auto})"
 start=$(date +%s)
 MAX_JOBS=${MAX_JOBS:-2} .venv/bin/python -m pip install -e . --no-build-isolation --no-deps -v 2>&1 \
-  | grep -E "^\[accel setup\]|error|Error|warning: |Successfully" || true
+  | grep --line-buffered -E "^\[accel setup\]|error|Error|warning: |Successfully" || true
 .venv/bin/python -c "import accel._C" || { echo "[setup] build failed"; exit 1; }
 echo "[setup] build took $(( $(date +%s) - start )) s"
 .venv/bin/python scripts/cuda_archs.py

@@ -502,3 +502,12 @@ def test_weight_norm_conv_is_skipped():
     assert reasons["0"].startswith("has forward pre-hooks")
     assert "matches the exact class only" in reasons["param"]
     assert [e.path for e in report.replaced] == ["1"]
+
+
+def test_wide_dense_dilated_conv_is_skipped_with_reason():
+    model = nn.Sequential(nn.Conv1d(64, 64, 3, padding=2, dilation=2), nn.Conv1d(64, 64, 3, padding=2, dilation=2, groups=4))
+    report = accel.patch(model)
+    assert [e.path for e in report.replaced] == ["1"]
+    reasons = {e.path: e.reason for e in report.skipped}
+    assert "64 input channels per group > 16" in reasons["0"]
+    accel.unpatch(model)

@@ -130,12 +130,16 @@ def time_interleaved(
     budget_s: float = 2.0,
     device: str = "cpu",
     keep_first: Sequence[str] = (),
+    slow_round_s: Optional[float] = None,
+    slow_reps: int = 3,
 ) -> Tuple[Dict[str, List[float]], Dict[str, object]]:
     """Time ``fns`` round-robin; return ``({name: [seconds per round]}, {name: first output})``.
 
     ``warmup`` rounds are run first (at least one; its outputs are returned for the names in
     ``keep_first``, for the correctness check). The number of timed rounds is ``budget_s``
-    divided by the duration of the last warm-up round, clamped to ``[min_reps, max_reps]``.
+    divided by the duration of the last warm-up round, clamped to ``[min_reps, max_reps]``;
+    if that round took longer than ``slow_round_s``, only ``slow_reps`` rounds are timed (a cap
+    on the run time of cases whose slowest peer takes many seconds per call).
     Each round rotates the starting implementation.
     """
     names = list(fns)
@@ -153,6 +157,8 @@ def time_interleaved(
         _sync(device)
         round_s = time.perf_counter() - t_round
     reps = int(min(max_reps, max(min_reps, math.ceil(budget_s / max(round_s, 1e-9)))))
+    if slow_round_s is not None and round_s > slow_round_s:
+        reps = min(reps, slow_reps)
     times: Dict[str, List[float]] = {name: [] for name in names}
     for r in range(reps):
         for i in range(n):
@@ -246,7 +252,19 @@ def _pin_malloc() -> bool:
 _WORKER_STATE = {"pinned": None}
 
 
+def _die_with_parent() -> None:
+    """Linux: have the kernel kill this worker when the benchmark process dies (even by SIGKILL)."""
+    try:
+        import signal
+
+        PR_SET_PDEATHSIG = 1
+        ctypes.CDLL("libc.so.6", use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
+    except (OSError, AttributeError):
+        pass
+
+
 def _memory_worker_init(threads: int) -> None:
+    _die_with_parent()
     torch.set_num_threads(threads)
     _WORKER_STATE["pinned"] = _pin_malloc()
 
@@ -350,7 +368,8 @@ class MemoryMeter:
 def run_case(case: Case, args, meter: MemoryMeter) -> dict:
     setup = case.builder(**case.params)
     device = case.params.get("device", "cpu")
-    budget = args.budget if args.budget is not None else (0.5 if args.size != "full" else 3.0)
+    t_case = time.perf_counter()
+    budget = args.budget if args.budget is not None else (0.5 if args.size != "full" else 2.0)
     times, first = time_interleaved(
         setup.impls,
         warmup=args.warmup,
@@ -359,6 +378,8 @@ def run_case(case: Case, args, meter: MemoryMeter) -> dict:
         budget_s=budget,
         device=device,
         keep_first=(case.baseline,) + tuple(case.check),
+        slow_round_s=args.slow_round,
+        slow_reps=min(args.reps, 3),
     )
     check = {}
     for peer in case.check:
@@ -408,6 +429,8 @@ def run_case(case: Case, args, meter: MemoryMeter) -> dict:
         "bandwidth": bandwidth,
         "check": check,
         "note": case.note,
+        "rounds": len(times[case.baseline]),
+        "case_wall_s": time.perf_counter() - t_case,
     }
 
 
@@ -451,6 +474,8 @@ def table_rows(res: dict) -> List[str]:
     for i, peer in enumerate(res["peers"]):
         c = res["check"].get(peer)
         chk = "-" if c is None else ("ok" if c["ok"] else f"DIFF {c['rel']:.1e}")
+        if i == 0 and res.get("rounds_capped"):
+            chk = f"{chk} n={res['rounds']}"
         cells = [
             res["case"] if i == 0 else "", res["mode"] if i == 0 else "", peer,
             _fmt_ms(base) if i == 0 else "", _fmt_ms(res["times_ms"][peer]["median"]),
@@ -475,6 +500,9 @@ def summary_lines(results: List[dict]) -> List[str]:
     if bws:
         lines.append(f"  accel bandwidth (median time) / copy bandwidth (fastest copy_ round), depthwise fwd: median {100 * statistics.median(bws):.0f}%, "
                      f"min {100 * min(bws):.0f}%, max {100 * max(bws):.0f}%")
+    capped = [r for r in results if r.get("rounds_capped")]
+    if capped:
+        lines.append(f"  {len(capped)} case(s) timed with fewer rounds because one round is slow (marked n=...)")
     bad = [(r["case"], r["mode"], p) for r in results for p, c in r["check"].items() if not c["ok"]]
     if bad:
         lines.append(f"  OUTPUT MISMATCH in {len(bad)} case(s): " + ", ".join(f"{a} {b} vs {c}" for a, b, c in bad))
@@ -619,8 +647,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--reps", type=int, default=None, help="minimum timed rounds per case (default 5, quick 3)")
     p.add_argument("--max-reps", type=int, default=30, help="maximum timed rounds per case (default 30)")
     p.add_argument("--warmup", type=int, default=1, help="warm-up rounds per case (default 1)")
+    p.add_argument("--slow-round", type=float, default=6.0, metavar="S",
+                   help="time only 3 rounds when one round takes longer than S seconds (default 6; "
+                        "0 disables the cap); such rows are marked in the table")
     p.add_argument("--budget", type=float, default=None,
-                   help="seconds of timed rounds aimed at per case (default 3, quick 0.5); min/max reps win")
+                   help="seconds of timed rounds aimed at per case (default 2, quick 0.5); min/max reps win")
     p.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (default: torch's choice)")
     p.add_argument("--no-mem", action="store_true", help="skip the memory measurement")
     p.add_argument("--extra-peers", action="store_true", help="also time optional peers (e.g. F.pad + conv1d)")
@@ -659,6 +690,23 @@ def collect_cases(args) -> List[Case]:
     return cases
 
 
+def _exit_on_sigterm() -> None:
+    """SIGTERM (timeout, kill) raises SystemExit so the memory worker is shut down on the way out."""
+    import signal
+    import threading
+
+    if threading.current_thread() is not threading.main_thread():
+        return
+
+    def handler(signum, frame):
+        raise SystemExit(128 + signum)
+
+    try:
+        signal.signal(signal.SIGTERM, handler)
+    except (ValueError, OSError):
+        pass
+
+
 def main(argv=None) -> int:
     args = parse_args(argv)
     if args.threads:
@@ -674,6 +722,8 @@ def main(argv=None) -> int:
     if not cases:
         print("no cases selected", file=sys.stderr)
         return 2
+    if args.slow_round is not None and args.slow_round <= 0:
+        args.slow_round = None
     machine = machine_info(args.device)
     print(format_machine(machine))
     print(f"size={args.size} dtype={args.dtype} device={args.device}: {len(cases)} cases, "
@@ -685,6 +735,7 @@ def main(argv=None) -> int:
               f"competing for the cores distort the timings")
     meter = MemoryMeter(args.device, enabled=not args.no_mem)
     results: List[dict] = []
+    _exit_on_sigterm()
     cpu_start = _cpu_snapshot()
     t_start = time.perf_counter()
     group = None
@@ -694,9 +745,14 @@ def main(argv=None) -> int:
                 group = case.group
                 print(table_header(group, meter.method), flush=True)
             res = run_case(case, args, meter)
+            res["rounds_capped"] = res["rounds"] < args.reps
             results.append(res)
             for row in table_rows(res):
                 print(row, flush=True)
+            if res["rounds_capped"]:
+                round_s = sum(t["median"] for t in res["times_ms"].values()) / 1e3
+                print(f"   n={res['rounds']}: only {res['rounds']} timed rounds, one round takes {round_s:.1f} s "
+                      f"(> --slow-round {args.slow_round:g} s)")
             if case.note and (len(results) < 2 or results[-2]["note"] != case.note):
                 print(f"   note: {case.note}")
     finally:

@@ -8,6 +8,9 @@ from torch import nn
 
 from accel.patching.rules import Rule
 
+# Grouped convs with more input channels per group than this stay with nn.Conv1d.
+MAX_CHANNELS_PER_GROUP = 16
+
 # dtypes accel.ops.dilated_conv1d has kernels for (CPU: all four; CUDA: all four).
 _CONV_DTYPES = (torch.float32, torch.float64, torch.bfloat16, torch.float16)
 
@@ -43,6 +46,12 @@ def _conv1d_check(conv: nn.Module) -> Optional[str]:
         return f"padding_mode {conv.padding_mode!r} is not zeros"
     if conv.dilation[0] == 1 and conv.groups != conv.in_channels:
         return "dense undilated conv: nn.Conv1d (oneDNN) is already the fastest kernel for it"
+    per_group = conv.in_channels // conv.groups
+    if conv.groups != conv.in_channels and per_group > MAX_CHANNELS_PER_GROUP:
+        # measured (docs/benchmarks.md): accel's GEMM path is ~0.7x oneDNN for dense convs, and
+        # its CUDA kernel has no tensor-core path; it wins for depthwise and narrow groups.
+        return (f"{per_group} input channels per group > {MAX_CHANNELS_PER_GROUP}: nn.Conv1d's GEMM-based "
+                "kernel is faster for wide groups")
     dtype = conv.weight.dtype
     if dtype not in _CONV_DTYPES:
         return f"dtype {str(dtype).replace('torch.', '')} has no accel kernel"

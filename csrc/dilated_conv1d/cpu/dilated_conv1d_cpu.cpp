@@ -32,6 +32,8 @@
 
 #include "common/activation.h"
 #include "common/cpu_memory.h"
+#include "common/cpu_vec.h"
+#include "dilated_conv1d/cpu/gemm_path.h"
 #include "dilated_conv1d/dilated_conv1d.h"
 
 namespace accel::dilated_conv1d {
@@ -39,6 +41,7 @@ namespace {
 
 using at::Tensor;
 using at::vec::Vectorized;
+using namespace accel::cpu;
 
 // Outputs per task along time: small enough that the accumulator and the tap windows stay in
 // L1/L2, large enough to amortise the per-task setup.
@@ -49,26 +52,6 @@ int64_t chunk_size(int64_t kernel) {
   int64_t c = (int64_t(1) << 16) / std::max<int64_t>(kernel, 1);
   c = std::max<int64_t>(256, std::min<int64_t>(2048, c));
   return c & ~int64_t(63);
-}
-
-template <typename src_t, typename dst_t>
-inline void convert_n(const src_t* src, dst_t* dst, int64_t n) {
-  if (n <= 0) return;
-  if constexpr (std::is_same_v<src_t, dst_t>) {
-    std::memcpy(dst, src, n * sizeof(dst_t));
-  } else {
-    at::vec::convert(src, dst, n);
-  }
-}
-
-// buf[0, n) = row[start, start + n) as acc_t, zero where the index falls outside [0, len).
-template <typename in_t, typename acc_t>
-void load_padded(const in_t* row, int64_t len, int64_t start, int64_t n, acc_t* buf) {
-  const int64_t lo = std::clamp<int64_t>(-start, 0, n);
-  const int64_t hi = std::clamp<int64_t>(len - start, lo, n);
-  std::fill(buf, buf + lo, acc_t(0));
-  if (hi > lo) convert_n(row + start + lo, buf + lo, hi - lo);
-  std::fill(buf + hi, buf + n, acc_t(0));
 }
 
 // Pointers to the K input segments that feed a chunk of n outputs: tap k reads
@@ -142,9 +125,6 @@ void add_taps(acc_t* acc, const acc_t* const* taps, const acc_t* w, int64_t kern
     acc[i] = a;
   }
 }
-
-template <typename T>
-inline Vectorized<T> activation_vec(Vectorized<T> z, Activation a);
 
 // Stores v at p; a non-temporal store when asked and p is aligned, so that an output larger
 // than the caches is written without first being read into them.
@@ -238,99 +218,6 @@ void conv_chunk_direct(acc_t* dst, acc_t init, const acc_t* const* taps, const a
   }
 }
 
-template <typename T>
-inline Vectorized<T> activation_vec(Vectorized<T> z, Activation a) {
-  using Vec = Vectorized<T>;
-  switch (a) {
-    case Activation::Relu:
-      return at::vec::clamp_min(z, Vec(T(0)));
-    case Activation::Gelu:
-      return Vec(T(0.5)) * z * (Vec(T(1)) + (z * Vec(T(0.70710678118654752440))).erf());
-    case Activation::Silu:
-      return z / (Vec(T(1)) + z.neg().exp());
-    default:
-      return z;
-  }
-}
-
-template <typename T>
-inline Vectorized<T> activation_grad_vec(Vectorized<T> z, Activation a) {
-  using Vec = Vectorized<T>;
-  switch (a) {
-    case Activation::Relu:
-      return Vec::blendv(Vec(T(0)), Vec(T(1)), z > Vec(T(0)));
-    case Activation::Gelu: {
-      const Vec cdf = Vec(T(0.5)) * (Vec(T(1)) + (z * Vec(T(0.70710678118654752440))).erf());
-      const Vec pdf = (Vec(T(-0.5)) * z * z).exp() * Vec(T(0.39894228040143267794));
-      return cdf + z * pdf;
-    }
-    case Activation::Silu: {
-      const Vec s = Vec(T(1)) / (Vec(T(1)) + z.neg().exp());
-      return s * (Vec(T(1)) + z * (Vec(T(1)) - s));
-    }
-    default:
-      return Vec(T(1));
-  }
-}
-
-// a[i] = act(a[i]) (+ res[i])
-template <typename acc_t>
-void apply_epilogue(acc_t* a, const acc_t* res, int64_t n, Activation act) {
-  using Vec = Vectorized<acc_t>;
-  constexpr int64_t V = Vec::size();
-  if (act == Activation::None && res == nullptr) return;
-  int64_t i = 0;
-  for (; i + V <= n; i += V) {
-    Vec z = activation_vec(Vec::loadu(a + i), act);
-    if (res) z = z + Vec::loadu(res + i);
-    z.store(a + i);
-  }
-  for (; i < n; ++i) a[i] = activation_forward(a[i], act) + (res ? res[i] : acc_t(0));
-}
-
-// g[i] = g[i] * act'(z[i]), in place on g
-template <typename acc_t>
-void apply_activation_grad(acc_t* g, const acc_t* z, int64_t n, Activation act) {
-  using Vec = Vectorized<acc_t>;
-  constexpr int64_t V = Vec::size();
-  int64_t i = 0;
-  for (; i + V <= n; i += V) (Vec::loadu(g + i) * activation_grad_vec(Vec::loadu(z + i), act)).store(g + i);
-  for (; i < n; ++i) g[i] *= activation_grad(z[i], act);
-}
-
-template <typename acc_t>
-acc_t dot(const acc_t* a, const acc_t* b, int64_t n) {
-  using Vec = Vectorized<acc_t>;
-  constexpr int64_t V = Vec::size();
-  Vec s0(acc_t(0)), s1(acc_t(0)), s2(acc_t(0)), s3(acc_t(0));
-  int64_t i = 0;
-  for (; i + 4 * V <= n; i += 4 * V) {
-    s0 = at::vec::fmadd(Vec::loadu(a + i), Vec::loadu(b + i), s0);
-    s1 = at::vec::fmadd(Vec::loadu(a + i + V), Vec::loadu(b + i + V), s1);
-    s2 = at::vec::fmadd(Vec::loadu(a + i + 2 * V), Vec::loadu(b + i + 2 * V), s2);
-    s3 = at::vec::fmadd(Vec::loadu(a + i + 3 * V), Vec::loadu(b + i + 3 * V), s3);
-  }
-  for (; i + V <= n; i += V) s0 = at::vec::fmadd(Vec::loadu(a + i), Vec::loadu(b + i), s0);
-  acc_t s = at::vec::vec_reduce_all<acc_t>([](Vec& x, Vec& y) { return x + y; }, (s0 + s1) + (s2 + s3));
-  for (; i < n; ++i) s += a[i] * b[i];
-  return s;
-}
-
-template <typename acc_t>
-acc_t sum(const acc_t* a, int64_t n) {
-  using Vec = Vectorized<acc_t>;
-  constexpr int64_t V = Vec::size();
-  Vec s0(acc_t(0)), s1(acc_t(0));
-  int64_t i = 0;
-  for (; i + 2 * V <= n; i += 2 * V) {
-    s0 = s0 + Vec::loadu(a + i);
-    s1 = s1 + Vec::loadu(a + i + V);
-  }
-  acc_t s = at::vec::vec_reduce_all<acc_t>([](Vec& x, Vec& y) { return x + y; }, s0 + s1);
-  for (; i < n; ++i) s += a[i];
-  return s;
-}
-
 template <typename scalar_t>
 Tensor to_acc(const Tensor& t) {
   return t.to(c10::CppTypeToScalarType<at::opmath_type<scalar_t>>::value).contiguous();
@@ -407,6 +294,10 @@ Tensor forward_cpu(const Tensor& x_, const Tensor& weight_, const c10::optional<
   const Tensor weight = weight_.contiguous();
   Tensor out = empty_for_streaming({g.batch, g.c_out, g.out_length}, x.options());
   if (out.numel() == 0) return out;
+  if (cpu::gemm_path_applies(g, x.scalar_type())) {
+    cpu::forward_gemm(x, weight, bias, residual, out, g, act);
+    return out;
+  }
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, x.scalar_type(), "dilated_conv1d_cpu", [&] {
     forward_impl<scalar_t>(x, weight, bias, residual, out, g, act);
   });
@@ -622,7 +513,10 @@ std::tuple<Tensor, Tensor, Tensor> backward_cpu(const Tensor& grad_, const Tenso
     const int64_t span = (g.kernel - 1) * dilation;
     grad_x = forward_cpu(dz, w_t, c10::nullopt, c10::nullopt, dilation, span - pad_left, g.length, groups, "none");
   }
-  if (need_w || need_b) {
+  if ((need_w || need_b) && cpu::gemm_path_applies(g, x.scalar_type())) {
+    Tensor gw = need_w ? grad_w : Tensor(), gb = need_b ? grad_b : Tensor();
+    cpu::weight_grad_gemm(dz, x, g, gw, gb);
+  } else if (need_w || need_b) {
     const int64_t chunk = chunk_size(g.kernel);
     const int64_t n_split = split_count(g.c_out, g.batch * ((g.out_length + chunk - 1) / chunk));
     Tensor dw_part = at::empty({n_split, g.c_out, g.c_in_per_group, g.kernel}, x.options().dtype(acc_type));

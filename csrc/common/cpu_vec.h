@@ -1,0 +1,133 @@
+// Vectorised building blocks shared by accel's CPU kernels (ATen's Vectorized<T>, compiled for
+// the build's baseline ISA).
+#pragma once
+
+#include <ATen/cpu/vec/functional.h>
+#include <ATen/cpu/vec/vec.h>
+
+#include <algorithm>
+#include <cstdint>
+#include <cstring>
+#include <type_traits>
+
+#include "common/activation.h"
+
+namespace accel::cpu {
+
+using at::vec::Vectorized;
+
+// dst[0, n) = src[0, n), converting the element type
+template <typename src_t, typename dst_t>
+inline void convert_n(const src_t* src, dst_t* dst, int64_t n) {
+  if (n <= 0) return;
+  if constexpr (std::is_same_v<src_t, dst_t>) {
+    std::memcpy(dst, src, n * sizeof(dst_t));
+  } else {
+    at::vec::convert(src, dst, n);
+  }
+}
+
+// buf[0, n) = row[start, start + n) as acc_t, zero where the index falls outside [0, len).
+template <typename in_t, typename acc_t>
+inline void load_padded(const in_t* row, int64_t len, int64_t start, int64_t n, acc_t* buf) {
+  const int64_t lo = std::clamp<int64_t>(-start, 0, n);
+  const int64_t hi = std::clamp<int64_t>(len - start, lo, n);
+  std::fill(buf, buf + lo, acc_t(0));
+  if (hi > lo) convert_n(row + start + lo, buf + lo, hi - lo);
+  std::fill(buf + hi, buf + n, acc_t(0));
+}
+
+template <typename T>
+inline Vectorized<T> activation_vec(Vectorized<T> z, Activation a) {
+  using Vec = Vectorized<T>;
+  switch (a) {
+    case Activation::Relu:
+      return at::vec::clamp_min(z, Vec(T(0)));
+    case Activation::Gelu:
+      return Vec(T(0.5)) * z * (Vec(T(1)) + (z * Vec(T(0.70710678118654752440))).erf());
+    case Activation::Silu:
+      return z / (Vec(T(1)) + z.neg().exp());
+    default:
+      return z;
+  }
+}
+
+template <typename T>
+inline Vectorized<T> activation_grad_vec(Vectorized<T> z, Activation a) {
+  using Vec = Vectorized<T>;
+  switch (a) {
+    case Activation::Relu:
+      return Vec::blendv(Vec(T(0)), Vec(T(1)), z > Vec(T(0)));
+    case Activation::Gelu: {
+      const Vec cdf = Vec(T(0.5)) * (Vec(T(1)) + (z * Vec(T(0.70710678118654752440))).erf());
+      const Vec pdf = (Vec(T(-0.5)) * z * z).exp() * Vec(T(0.39894228040143267794));
+      return cdf + z * pdf;
+    }
+    case Activation::Silu: {
+      const Vec s = Vec(T(1)) / (Vec(T(1)) + z.neg().exp());
+      return s * (Vec(T(1)) + z * (Vec(T(1)) - s));
+    }
+    default:
+      return Vec(T(1));
+  }
+}
+
+// a[i] = act(a[i]) (+ res[i])
+template <typename acc_t>
+inline void apply_epilogue(acc_t* a, const acc_t* res, int64_t n, Activation act) {
+  using Vec = Vectorized<acc_t>;
+  constexpr int64_t V = Vec::size();
+  if (act == Activation::None && res == nullptr) return;
+  int64_t i = 0;
+  for (; i + V <= n; i += V) {
+    Vec z = activation_vec(Vec::loadu(a + i), act);
+    if (res) z = z + Vec::loadu(res + i);
+    z.store(a + i);
+  }
+  for (; i < n; ++i) a[i] = activation_forward(a[i], act) + (res ? res[i] : acc_t(0));
+}
+
+// g[i] = g[i] * act'(z[i]), in place on g
+template <typename acc_t>
+inline void apply_activation_grad(acc_t* g, const acc_t* z, int64_t n, Activation act) {
+  using Vec = Vectorized<acc_t>;
+  constexpr int64_t V = Vec::size();
+  int64_t i = 0;
+  for (; i + V <= n; i += V) (Vec::loadu(g + i) * activation_grad_vec(Vec::loadu(z + i), act)).store(g + i);
+  for (; i < n; ++i) g[i] *= activation_grad(z[i], act);
+}
+
+template <typename acc_t>
+inline acc_t dot(const acc_t* a, const acc_t* b, int64_t n) {
+  using Vec = Vectorized<acc_t>;
+  constexpr int64_t V = Vec::size();
+  Vec s0(acc_t(0)), s1(acc_t(0)), s2(acc_t(0)), s3(acc_t(0));
+  int64_t i = 0;
+  for (; i + 4 * V <= n; i += 4 * V) {
+    s0 = at::vec::fmadd(Vec::loadu(a + i), Vec::loadu(b + i), s0);
+    s1 = at::vec::fmadd(Vec::loadu(a + i + V), Vec::loadu(b + i + V), s1);
+    s2 = at::vec::fmadd(Vec::loadu(a + i + 2 * V), Vec::loadu(b + i + 2 * V), s2);
+    s3 = at::vec::fmadd(Vec::loadu(a + i + 3 * V), Vec::loadu(b + i + 3 * V), s3);
+  }
+  for (; i + V <= n; i += V) s0 = at::vec::fmadd(Vec::loadu(a + i), Vec::loadu(b + i), s0);
+  acc_t s = at::vec::vec_reduce_all<acc_t>([](Vec& x, Vec& y) { return x + y; }, (s0 + s1) + (s2 + s3));
+  for (; i < n; ++i) s += a[i] * b[i];
+  return s;
+}
+
+template <typename acc_t>
+inline acc_t sum(const acc_t* a, int64_t n) {
+  using Vec = Vectorized<acc_t>;
+  constexpr int64_t V = Vec::size();
+  Vec s0(acc_t(0)), s1(acc_t(0));
+  int64_t i = 0;
+  for (; i + 2 * V <= n; i += 2 * V) {
+    s0 = s0 + Vec::loadu(a + i);
+    s1 = s1 + Vec::loadu(a + i + V);
+  }
+  acc_t s = at::vec::vec_reduce_all<acc_t>([](Vec& x, Vec& y) { return x + y; }, s0 + s1);
+  for (; i < n; ++i) s += a[i];
+  return s;
+}
+
+}  // namespace accel::cpu
