@@ -299,3 +299,12 @@ def test_gemm_path_fp32(c_in, c_out, groups, K, d, padding, L, act, residual):
     got = torch.autograd.grad(out, (x, w, b), grad.float())
     for a, e in zip(got, want):
         torch.testing.assert_close(a.double(), e, atol=1e-4 * max(1.0, e.abs().max().item()), rtol=1e-4)
+
+
+def test_opcheck_non_contiguous_inputs():
+    x, w, b = _make(2, 4, 4, 37, 3, 4, dtype=torch.float32)
+    x_nc = x.transpose(1, 2).contiguous().transpose(1, 2)
+    args = (x_nc.requires_grad_(), w, b, None, 2, 4, 37, 4, "none")
+    torch.library.opcheck(torch.ops.accel.dilated_conv1d.default, args)
+    bargs = (torch.randn(2, 4, 37), x_nc.detach(), w, b, 2, 4, 4, "silu", [True, True, False])
+    torch.library.opcheck(torch.ops.accel.dilated_conv1d_backward.default, bargs)

@@ -104,8 +104,9 @@ def _dilated_conv1d_fake(x, weight, bias, residual, dilation, pad_left, out_leng
 
 @torch.library.register_fake("accel::dilated_conv1d_backward")
 def _dilated_conv1d_backward_fake(grad_out, x, weight, bias, dilation, pad_left, groups, activation, output_mask):
-    grad_x = torch.empty_like(x) if output_mask[0] else x.new_empty((0,))
-    grad_w = torch.empty_like(weight) if output_mask[1] else x.new_empty((0,))
+    # gradients are contiguous whatever the inputs' strides (both backends allocate them so)
+    grad_x = x.new_empty(x.shape) if output_mask[0] else x.new_empty((0,))
+    grad_w = x.new_empty(weight.shape) if output_mask[1] else x.new_empty((0,))
     grad_b = x.new_empty((weight.shape[0],)) if output_mask[2] and bias is not None else x.new_empty((0,))
     return grad_x, grad_w, grad_b
 

@@ -15,7 +15,6 @@
 #include <ATen/core/Tensor.h>
 #include <ATen/cuda/CUDAContext.h>
 #include <ATen/ops/empty.h>
-#include <ATen/ops/empty_like.h>
 #include <ATen/ops/zeros.h>
 #include <c10/cuda/CUDAException.h>
 #include <c10/cuda/CUDAGuard.h>
@@ -162,15 +161,6 @@ void launch_grad_weight(const at::Tensor& dz, const at::Tensor& x, const at::Ten
       });
 }
 
-// A result computed contiguously, returned with the strides the fake (meta) function promises:
-// those of empty_like(like).
-at::Tensor like_strides(const at::Tensor& result, const at::Tensor& like) {
-  at::Tensor out = at::empty_like(like);
-  if (out.is_contiguous()) return result;
-  out.copy_(result);
-  return out;
-}
-
 std::tuple<at::Tensor, at::Tensor, at::Tensor> dilated_conv1d_backward_cuda(
     const at::Tensor& grad_out, const at::Tensor& x, const at::Tensor& weight, const c10::optional<at::Tensor>& bias,
     int64_t dilation, int64_t pad_left, int64_t groups, c10::string_view activation, std::array<bool, 3> output_mask) {
@@ -206,13 +196,11 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> dilated_conv1d_backward_cuda(
   }
 
   if (want_x) {
-    grad_x = at::empty_like(x);  // the layout the fake function promises
-    const at::Tensor gx = grad_x.is_contiguous() ? grad_x : at::empty(x.sizes(), x.options());
-    if (gx.numel() > 0) {
-      launch_conv(dz, transposed_weight(wc, groups), at::Tensor(), at::Tensor(), gx, dilation, span - pad_left, groups,
-                  Activation::None, Epilogue::Forward);
+    grad_x = at::empty(x.sizes(), x.options());  // contiguous, as the fake function promises
+    if (grad_x.numel() > 0) {
+      launch_conv(dz, transposed_weight(wc, groups), at::Tensor(), at::Tensor(), grad_x, dilation, span - pad_left,
+                  groups, Activation::None, Epilogue::Forward);
     }
-    if (!gx.is_same(grad_x)) grad_x.copy_(gx);
   }
 
   if (want_w || want_b) {
@@ -231,7 +219,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> dilated_conv1d_backward_cuda(
         launch_grad_weight<16>(dz, xc, gw_acc, gb_acc, kernel, dilation, pad_left, groups, n_taps);
       }
     }
-    if (want_w) grad_w = like_strides(gw_acc.to(x.scalar_type()), weight);
+    if (want_w) grad_w = gw_acc.to(x.scalar_type());
     if (want_b) grad_b = gb_acc.to(x.scalar_type());
   }
   return {grad_x, grad_w, grad_b};
