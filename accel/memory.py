@@ -2,8 +2,8 @@
 
 Outputs of 8 MiB and more that accel's CPU kernels write in full come from 2 MiB-aligned,
 huge-page-advised blocks that are reused once their tensor is freed, so that page faults are paid
-once rather than on every call. ``ACCEL_CPU_CACHE_MB`` (default 1024, read at first use) caps the
-free blocks kept; 0 keeps none.
+once rather than on every call. ``ACCEL_CPU_CACHE_MB`` (read at first use; default a quarter of physical memory, at most 4 GiB)
+caps the free blocks kept; 0 keeps none.
 """
 from __future__ import annotations
 

@@ -216,7 +216,8 @@ def compare_outputs(ref, other) -> dict:
 # --------------------------------------------------------------------------- memory
 
 CPU_MEM_METHOD = ("peak RSS increase during one call, measured in a separate spawned process "
-                  "(after a warm-up on a small instance; glibc mmap threshold pinned)")
+                  "(after a warm-up on a small instance; accel's CPU buffer cache emptied first; "
+                  "glibc mmap threshold pinned)")
 CUDA_MEM_METHOD = "torch.cuda.max_memory_allocated() increase during one call"
 
 
@@ -269,6 +270,28 @@ def _memory_worker_init(threads: int) -> None:
     _WORKER_STATE["pinned"] = _pin_malloc()
 
 
+def accel_cpu_cache_stats() -> Optional[dict]:
+    """Stats of accel's cache of large CPU output buffers, or None where there is none."""
+    try:
+        from accel import memory
+
+        return memory.cpu_cache_stats()
+    except Exception:  # not built / no cache in this build
+        return None
+
+
+def empty_accel_cpu_cache() -> bool:
+    """Return accel's cached CPU output buffers to the system, so a call pays for (and is charged
+    with) every buffer it needs, as the peers are."""
+    try:
+        from accel import memory
+
+        memory.empty_cpu_cache()
+        return True
+    except Exception:
+        return False
+
+
 def _memory_task(builder, params: dict, warm_params: Optional[dict], names: Sequence[str]) -> dict:
     """Runs in the memory worker: peak RSS increase (bytes) of one call per implementation."""
     if not _reset_hwm():
@@ -284,6 +307,7 @@ def _memory_task(builder, params: dict, warm_params: Optional[dict], names: Sequ
         if setup.reset is not None:
             setup.reset()
         gc.collect()
+        empty_accel_cpu_cache()
         base = _status_kb("VmRSS")
         _reset_hwm()
         out = setup.impls[name]()
@@ -366,8 +390,12 @@ class MemoryMeter:
 # --------------------------------------------------------------------------- running
 
 def run_case(case: Case, args, meter: MemoryMeter) -> dict:
-    setup = case.builder(**case.params)
     device = case.params.get("device", "cpu")
+    if not device.startswith("cuda"):
+        # every case starts with accel's CPU buffer cache empty, so its result does not depend on the
+        # sizes the cases before it left cached (the warm-up round refills it)
+        empty_accel_cpu_cache()
+    setup = case.builder(**case.params)
     t_case = time.perf_counter()
     budget = args.budget if args.budget is not None else (0.5 if args.size != "full" else 2.0)
     times, first = time_interleaved(
@@ -398,6 +426,7 @@ def run_case(case: Case, args, meter: MemoryMeter) -> dict:
         gc.collect()
         memory = meter.measure(case, None)
 
+    cache = accel_cpu_cache_stats() if not device.startswith("cuda") else None
     stats = {name: _summary(ts) for name, ts in times.items()}
     base_ms = stats[case.baseline]["median"]
     ratios = {peer: stats[peer]["median"] / base_ms for peer in case.peers}
@@ -430,6 +459,9 @@ def run_case(case: Case, args, meter: MemoryMeter) -> dict:
         "check": check,
         "note": case.note,
         "rounds": len(times[case.baseline]),
+        # accel's CPU output-buffer cache in the timing process after the case (bytes held free for
+        # reuse, hits/misses so far): accel's timings include its reuse; the peers allocate as usual
+        "accel_cpu_cache": cache,
         "case_wall_s": time.perf_counter() - t_case,
     }
 
@@ -643,7 +675,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--dtype", default="float32", choices=sorted(DTYPES), help="element type (default float32)")
     p.add_argument("--json", metavar="PATH", help="write every number, the machine and the versions as JSON")
     p.add_argument("--plot", metavar="PATH", help="save a bar chart of the ratios (PNG)")
-    p.add_argument("--filter", metavar="TEXT", help="run only cases whose 'group case mode' contains TEXT")
+    p.add_argument("--filter", metavar="TEXT", action="append",
+                   help="run only cases whose 'group case mode' contains TEXT (repeat: any of them)")
     p.add_argument("--reps", type=int, default=None, help="minimum timed rounds per case (default 5, quick 3)")
     p.add_argument("--max-reps", type=int, default=30, help="maximum timed rounds per case (default 30)")
     p.add_argument("--warmup", type=int, default=1, help="warm-up rounds per case (default 1)")
@@ -686,7 +719,7 @@ def collect_cases(args) -> List[Case]:
             raise SystemExit(f"cannot benchmark {name!r}: {e}") from e
         cases.extend(mod.cases(args))
     if args.filter:
-        cases = [c for c in cases if args.filter in f"{c.group} {c.name} {c.mode}"]
+        cases = [c for c in cases if any(f in f"{c.group} {c.name} {c.mode}" for f in args.filter)]
     return cases
 
 
@@ -699,6 +732,7 @@ def _exit_on_sigterm() -> None:
         return
 
     def handler(signum, frame):
+        signal.signal(signal.SIGTERM, signal.SIG_DFL)  # a second SIGTERM ends the process at once
         raise SystemExit(128 + signum)
 
     try:
@@ -728,11 +762,14 @@ def main(argv=None) -> int:
     print(format_machine(machine))
     print(f"size={args.size} dtype={args.dtype} device={args.device}: {len(cases)} cases, "
           f"warm-up {args.warmup} round(s), median of >= {args.reps} interleaved rounds")
-    load_start = os.getloadavg() if hasattr(os, "getloadavg") else None
-    machine["loadavg_at_start"] = load_start
-    if load_start is not None and load_start[0] > 0.5:
-        print(f"WARNING: the machine is not idle (1-min load average {load_start[0]:.2f}); other processes "
-              f"competing for the cores distort the timings")
+    machine["loadavg_at_start"] = os.getloadavg() if hasattr(os, "getloadavg") else None
+    snap = _cpu_snapshot()
+    time.sleep(0.5)
+    busy_now = other_load(snap, _cpu_snapshot())
+    machine["other_processes_cpu_fraction_at_start"] = busy_now
+    if busy_now is not None and busy_now > 0.1:
+        print(f"WARNING: the machine is not idle: other processes are using {100 * busy_now:.0f}% of its CPU "
+              f"time; competing for the cores distorts the timings")
     meter = MemoryMeter(args.device, enabled=not args.no_mem)
     results: List[dict] = []
     _exit_on_sigterm()
@@ -763,6 +800,11 @@ def main(argv=None) -> int:
     for line in summary_lines(results):
         print(line)
     print(f"\n{len(results)} cases in {elapsed:.0f} s")
+    cache = accel_cpu_cache_stats() if not args.device.startswith("cuda") else None
+    machine["accel_cpu_cache_at_end"] = cache
+    if cache:
+        print(f"accel's CPU output-buffer cache at the end: {cache.get('cached_bytes', 0) / MiB:.0f} MiB held free "
+              f"for reuse, {cache.get('hits', 0)} hits / {cache.get('misses', 0)} misses (ACCEL_CPU_CACHE_MB caps it)")
     if others is not None:
         print(f"other processes used {100 * others:.0f}% of the machine's CPU time during the run"
               + ("  <-- NOT an idle machine: treat these timings with suspicion" if others > 0.05 else ""))

@@ -5,11 +5,14 @@
 #include <c10/core/Allocator.h>
 #include <c10/util/Exception.h>
 
+#include <algorithm>
 #include <cstdlib>
 #include <cstring>
 #include <map>
 #include <mutex>
 #include <new>
+
+#include <unistd.h>
 
 #if defined(__linux__)
 #include <sys/mman.h>
@@ -21,9 +24,20 @@ namespace {
 constexpr size_t kHugePage = size_t(2) << 20;
 constexpr size_t kMinPooledBytes = size_t(8) << 20;
 
+// Default: a quarter of physical memory, at most 4 GiB; enough to keep a training step's
+// activations of a long-sequence TCN between steps on a workstation.
+size_t default_cache_limit() {
+  size_t limit = size_t(4) << 30;
+#if defined(_SC_PHYS_PAGES) && defined(_SC_PAGESIZE)
+  const long pages = sysconf(_SC_PHYS_PAGES), page = sysconf(_SC_PAGESIZE);
+  if (pages > 0 && page > 0) limit = std::min(limit, size_t(pages) * size_t(page) / 4);
+#endif
+  return limit;
+}
+
 size_t cache_limit_bytes() {
   const char* env = std::getenv("ACCEL_CPU_CACHE_MB");
-  if (env == nullptr || *env == '\0') return size_t(1024) << 20;
+  if (env == nullptr || *env == '\0') return default_cache_limit();
   char* end = nullptr;
   const long long mb = std::strtoll(env, &end, 10);
   TORCH_CHECK(end != env && *end == '\0' && mb >= 0, "ACCEL_CPU_CACHE_MB must be a whole number >= 0, got '",

@@ -14,8 +14,8 @@ namespace accel {
 // to write it once resident). Buffers from 8 MiB up therefore come from a small cache of
 // 2 MiB-aligned blocks advised for transparent huge pages: a block freed by one tensor is reused
 // by the next output of the same size, as the CUDA caching allocator does on the GPU. The cache
-// holds at most ACCEL_CPU_CACHE_MB (default 1024) of free blocks; 0 disables caching (huge pages
-// are still used). Smaller outputs use at::empty.
+// holds at most ACCEL_CPU_CACHE_MB of free blocks (default: a quarter of physical memory, at most
+// 4 GiB); 0 disables caching (huge pages are still used). Smaller outputs use at::empty.
 at::Tensor empty_for_streaming(at::IntArrayRef sizes, const at::TensorOptions& options);
 
 struct CpuCacheStats {
