@@ -819,10 +819,12 @@ def main(argv=None) -> int:
             "elapsed_s": elapsed,
             "results": results,
         }
+        os.makedirs(os.path.dirname(os.path.abspath(args.json)), exist_ok=True)
         with open(args.json, "w") as f:
             json.dump(payload, f, indent=1)
         print(f"wrote {args.json}")
     if args.plot:
+        os.makedirs(os.path.dirname(os.path.abspath(args.plot)), exist_ok=True)
         title = f"accel vs peers ({args.device}, {args.dtype}, {args.size}) — {machine['cpu_model']}, {machine['date'][:10]}"
         save_plot(results, args.plot, title)
         print(f"wrote {args.plot}")

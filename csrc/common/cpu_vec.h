@@ -16,12 +16,24 @@ namespace accel::cpu {
 
 using at::vec::Vectorized;
 
-// dst[0, n) = src[0, n), converting the element type
+// dst[0, n) = src[0, n), converting the element type. ATen vectorises float -> bf16/fp16 but its
+// generic bf16/fp16 -> float convert is an element loop, so that direction is done here.
 template <typename src_t, typename dst_t>
 inline void convert_n(const src_t* src, dst_t* dst, int64_t n) {
   if (n <= 0) return;
   if constexpr (std::is_same_v<src_t, dst_t>) {
     std::memcpy(dst, src, n * sizeof(dst_t));
+  } else if constexpr (std::is_same_v<dst_t, float> &&
+                       (std::is_same_v<src_t, c10::BFloat16> || std::is_same_v<src_t, c10::Half>)) {
+    using lVec = Vectorized<src_t>;
+    using fVec = Vectorized<float>;
+    int64_t i = 0;
+    for (; i + lVec::size() <= n; i += lVec::size()) {
+      auto [lo, hi] = at::vec::convert_to_float<src_t>(lVec::loadu(src + i));
+      lo.store(dst + i);
+      hi.store(dst + i + fVec::size());
+    }
+    for (; i < n; ++i) dst[i] = static_cast<float>(src[i]);
   } else {
     at::vec::convert(src, dst, n);
   }
