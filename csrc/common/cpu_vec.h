@@ -49,6 +49,39 @@ inline void load_padded(const in_t* row, int64_t len, int64_t start, int64_t n, 
   std::fill(buf + hi, buf + n, acc_t(0));
 }
 
+// erf for the activation epilogues. fp32: Abramowitz & Stegun 7.1.26 (|error| <= 1.5e-7) with
+// ATen's inline exp_u20, about 3x cheaper than Vectorized<float>::erf (which calls Sleef's expf
+// out of line); the input is clamped to |x| <= 4, where erf is 1 in fp32. Other types: ATen's.
+template <typename T>
+inline Vectorized<T> erf_vec(const Vectorized<T>& x) {
+  if constexpr (std::is_same_v<T, float>) {
+    using Vec = Vectorized<float>;
+    const Vec one(1.f);
+    const Vec a = at::vec::minimum(x.abs(), Vec(4.f));
+    const Vec t = one / at::vec::fmadd(Vec(0.3275911f), a, one);
+    Vec poly = at::vec::fmadd(Vec(1.061405429f), t, Vec(-1.453152027f));
+    poly = at::vec::fmadd(poly, t, Vec(1.421413741f));
+    poly = at::vec::fmadd(poly, t, Vec(-0.284496736f));
+    poly = at::vec::fmadd(poly, t, Vec(0.254829592f)) * t;
+    const Vec y = one - poly * (a * a).neg().exp_u20();
+    return Vec::blendv(y, y.neg(), x < Vec(0.f));
+  } else {
+    return x.erf();
+  }
+}
+
+// exp(-0.5 z^2), the Gaussian kernel in GELU's derivative; the argument is clamped where the
+// result underflows anyway.
+template <typename T>
+inline Vectorized<T> gauss_vec(const Vectorized<T>& z) {
+  using Vec = Vectorized<T>;
+  if constexpr (std::is_same_v<T, float>) {
+    return (Vec(-0.5f) * at::vec::minimum(z * z, Vec(160.f))).exp_u20();
+  } else {
+    return (Vec(T(-0.5)) * z * z).exp();
+  }
+}
+
 template <typename T>
 inline Vectorized<T> activation_vec(Vectorized<T> z, Activation a) {
   using Vec = Vectorized<T>;
@@ -56,7 +89,7 @@ inline Vectorized<T> activation_vec(Vectorized<T> z, Activation a) {
     case Activation::Relu:
       return at::vec::clamp_min(z, Vec(T(0)));
     case Activation::Gelu:
-      return Vec(T(0.5)) * z * (Vec(T(1)) + (z * Vec(T(0.70710678118654752440))).erf());
+      return Vec(T(0.5)) * z * (Vec(T(1)) + erf_vec(z * Vec(T(0.70710678118654752440))));
     case Activation::Silu:
       return z / (Vec(T(1)) + z.neg().exp());
     default:
@@ -71,8 +104,8 @@ inline Vectorized<T> activation_grad_vec(Vectorized<T> z, Activation a) {
     case Activation::Relu:
       return Vec::blendv(Vec(T(0)), Vec(T(1)), z > Vec(T(0)));
     case Activation::Gelu: {
-      const Vec cdf = Vec(T(0.5)) * (Vec(T(1)) + (z * Vec(T(0.70710678118654752440))).erf());
-      const Vec pdf = (Vec(T(-0.5)) * z * z).exp() * Vec(T(0.39894228040143267794));
+      const Vec cdf = Vec(T(0.5)) * (Vec(T(1)) + erf_vec(z * Vec(T(0.70710678118654752440))));
+      const Vec pdf = gauss_vec(z) * Vec(T(0.39894228040143267794));
       return cdf + z * pdf;
     }
     case Activation::Silu: {
