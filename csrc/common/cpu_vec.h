@@ -2,6 +2,7 @@
 // the build's baseline ISA).
 #pragma once
 
+#include <ATen/Parallel.h>
 #include <ATen/cpu/vec/functional.h>
 #include <ATen/cpu/vec/vec.h>
 
@@ -15,6 +16,16 @@
 namespace accel::cpu {
 
 using at::vec::Vectorized;
+
+// How many slices to cut a reduction's (batch, time) range into so that `tasks * slices` gives
+// every thread about `per_thread` tasks even when there are few channels or groups; the partial
+// results of the slices are summed afterwards (no atomics). A power of two, at most work_units.
+inline int64_t split_count(int64_t tasks, int64_t work_units, int64_t per_thread) {
+  const int64_t threads = at::get_num_threads();
+  int64_t split = 1;
+  while (tasks * split < per_thread * threads && split * 2 <= work_units) split *= 2;
+  return split;
+}
 
 // dst[0, n) = src[0, n), converting the element type. ATen vectorises float -> bf16/fp16 but its
 // generic bf16/fp16 -> float convert is an element loop, so that direction is done here.

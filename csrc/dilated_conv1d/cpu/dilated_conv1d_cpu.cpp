@@ -445,15 +445,6 @@ void weight_grad_grouped(const Tensor& dz, const Tensor& x, const Geometry& g, T
   });
 }
 
-// Number of slices the batch/time range is cut into so that there are enough tasks for every
-// thread even when there are few channels; partial weight gradients are summed afterwards.
-int64_t split_count(int64_t channels, int64_t work_units) {
-  const int64_t threads = at::get_num_threads();
-  int64_t split = 1;
-  while (channels * split < 4 * threads && split * 2 <= work_units) split *= 2;
-  return split;
-}
-
 std::tuple<Tensor, Tensor, Tensor> backward_cpu(const Tensor& grad_, const Tensor& x_, const Tensor& weight_,
                                                 const c10::optional<Tensor>& bias, int64_t dilation, int64_t pad_left,
                                                 int64_t groups, c10::string_view activation,
@@ -469,15 +460,16 @@ std::tuple<Tensor, Tensor, Tensor> backward_cpu(const Tensor& grad_, const Tenso
   const auto empty = [&] { return at::empty({0}, x.options()); };
   const auto acc_type = at::toOpMathType(x.scalar_type());
 
-  // every element of grad_x is written unless there is no output to propagate from
-  Tensor grad_x = need_x ? (grad.numel() == 0 ? at::zeros_like(x) : empty_for_streaming(x.sizes(), x.options())) : empty();
+  // with no output to propagate from, grad_x is zero; otherwise each path below writes all of it
+  Tensor grad_x = need_x && grad.numel() == 0 ? at::zeros_like(x) : empty();
   Tensor grad_w = need_w ? at::zeros_like(weight) : empty();
   Tensor grad_b = need_b ? at::zeros({g.c_out}, x.options()) : empty();
   if (!(need_x || need_w || need_b) || grad.numel() == 0) return {grad_x, grad_w, grad_b};
 
   const bool depthwise = g.c_in_per_group == 1 && g.c_out_per_group == 1;
   if (depthwise) {
-    const int64_t n_split = split_count(g.c_out, g.batch);
+    if (need_x) grad_x = empty_for_streaming(x.sizes(), x.options());
+    const int64_t n_split = split_count(g.c_out, g.batch, 4);
     Tensor dw_part = at::empty({n_split, g.c_out, g.kernel}, x.options().dtype(acc_type));
     Tensor db_part = at::empty({n_split, g.c_out}, x.options().dtype(acc_type));
     AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, x.scalar_type(), "dilated_conv1d_backward_cpu", [&] {
@@ -518,7 +510,7 @@ std::tuple<Tensor, Tensor, Tensor> backward_cpu(const Tensor& grad_, const Tenso
     cpu::weight_grad_gemm(dz, x, g, gw, gb);
   } else if (need_w || need_b) {
     const int64_t chunk = chunk_size(g.kernel);
-    const int64_t n_split = split_count(g.c_out, g.batch * ((g.out_length + chunk - 1) / chunk));
+    const int64_t n_split = split_count(g.c_out, g.batch * ((g.out_length + chunk - 1) / chunk), 4);
     Tensor dw_part = at::empty({n_split, g.c_out, g.c_in_per_group, g.kernel}, x.options().dtype(acc_type));
     Tensor db_part = at::empty({n_split, g.c_out}, x.options().dtype(acc_type));
     AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, x.scalar_type(), "dilated_conv1d_wgrad_cpu", [&] {

@@ -94,9 +94,7 @@ void weight_grad_gemm_impl(const Tensor& dz, const Tensor& x, const Geometry& g,
   const int64_t CK = g.c_in_per_group * g.kernel, Lout = g.out_length, Cg = g.c_out_per_group;
   const int64_t n_tiles = (Lout + kTile - 1) / kTile;
   const int64_t units = g.batch * n_tiles;
-  const int64_t threads = at::get_num_threads();
-  int64_t n_split = 1;
-  while (g.groups * n_split < 2 * threads && n_split * 2 <= units) n_split *= 2;
+  const int64_t n_split = split_count(g.groups, units, 2);
   Tensor dw_part = at::zeros({n_split, g.c_out, CK}, x.options().dtype(at::kFloat));
   Tensor db_part = at::zeros({n_split, g.c_out}, x.options().dtype(at::kFloat));
   const scalar_t* dzp = dz.const_data_ptr<scalar_t>();
