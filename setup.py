@@ -111,14 +111,19 @@ def main():
     torch_ver = ".".join(torch.__version__.split("+")[0].split(".")[:2])
     define_macros = [("TORCH_EXTENSION_NAME", "_C")]
     cxx_flags = ["-O0", "-g"] if debug else ["-O3"]
-    # Release builds must run on any x86-64 with AVX2 or less: no -march=native. ATen's
-    # Vectorized<T> types follow the compile flags, so the CPU kernels are compiled per ISA
-    # (see csrc/common/cpu_dispatch.h) and chosen at run time.
+    # Release builds must run on any x86-64 with AVX2: no -march=native. ATen's Vectorized<T>
+    # types follow the compile flags; oneDNN's brgemm (used for tile GEMMs) dispatches at run time.
     cxx_flags += ["-std=c++20", "-fvisibility=hidden", "-Wno-unused-parameter", "-Wno-unknown-pragmas"]
     if platform.machine().lower() in ("x86_64", "amd64"):
         # The x86-64 baseline of accel's wheels is AVX2+FMA (x86-64-v3): ATen's Vectorized<T>
         # then compiles to 256-bit AVX2 code in accel's kernels.
         cxx_flags += ["-mavx2", "-mfma", "-mf16c", "-DCPU_CAPABILITY_AVX2"]
+    # ATen's at::parallel_for is an inline OpenMP region: without -fopenmp it runs on one thread.
+    # The OpenMP runtime is the libgomp.so.1 torch already loaded (same soname).
+    link_flags = []
+    if sys.platform.startswith("linux"):
+        cxx_flags += ["-fopenmp"]
+        link_flags += ["-fopenmp"]
     include_dirs = [str(ROOT / "csrc")]
     extra = {"cxx": cxx_flags}
     built_archs = []
@@ -134,7 +139,7 @@ def main():
         extra["nvcc"] = (["-O0", "-G"] if debug else ["-O3", "-lineinfo"]) + [
             "-std=c++20", "--use_fast_math", "--expt-relaxed-constexpr", "-U__CUDA_NO_HALF_OPERATORS__",
             "-U__CUDA_NO_HALF_CONVERSIONS__", "-U__CUDA_NO_BFLOAT16_CONVERSIONS__",
-        ] + arch_flags
+        ] + (["-Xcompiler", "-fopenmp"] if link_flags else []) + arch_flags
         # torch's BuildExtension would add its own -gencode list from TORCH_CUDA_ARCH_LIST
         os.environ["TORCH_CUDA_ARCH_LIST"] = ";".join(a.replace("sm_", "")[:-1] + "." + a[-1] for a in built_archs)
         local = f"cu{torch.version.cuda.replace('.', '')}torch{torch_ver}"
@@ -160,6 +165,7 @@ def main():
         include_dirs=include_dirs,
         define_macros=define_macros,
         extra_compile_args=extra,
+        extra_link_args=link_flags,
     )
     setup(
         version=version,

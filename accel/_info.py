@@ -11,6 +11,7 @@ from accel import _ext
 # op name -> the registered ops that make it up (forward first)
 OPS = {
     "dilated_conv1d": ("dilated_conv1d", "dilated_conv1d_backward"),
+    "sigmoid_attention": ("sigmoid_attention_fwd", "sigmoid_attention_bwd"),
 }
 
 _DEVICES = ("CPU", "CUDA")

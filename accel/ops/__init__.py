@@ -1,4 +1,9 @@
 """Functional API: each op is a registered torch op with a typed Python wrapper."""
 from accel.ops.dilated_conv1d import dilated_conv1d
+from accel.ops.sigmoid_attention import (
+    sigmoid_attention,
+    sigmoid_attention_kvcache,
+    sigmoid_attention_varlen,
+)
 
-__all__ = ["dilated_conv1d"]
+__all__ = ["dilated_conv1d", "sigmoid_attention", "sigmoid_attention_varlen", "sigmoid_attention_kvcache"]

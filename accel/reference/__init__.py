@@ -1,4 +1,9 @@
 """Pure-PyTorch references: the test oracle for every op."""
 from accel.reference.dilated_conv1d import dilated_conv1d
+from accel.reference.sigmoid_attention import (
+    SigmoidMultiheadAttention,
+    sigmoid_attention,
+    sigmoid_attention_varlen,
+)
 
-__all__ = ["dilated_conv1d"]
+__all__ = ["dilated_conv1d", "sigmoid_attention", "sigmoid_attention_varlen", "SigmoidMultiheadAttention"]
