@@ -46,6 +46,7 @@ import torch
 # op name -> module providing ``cases(args) -> list[Case]``; imported only when selected.
 OPS: Dict[str, str] = {
     "conv": "accel.bench.conv",
+    "attention": "accel.bench.attention",
 }
 
 SIZES = ("tiny", "quick", "full")
