@@ -125,6 +125,36 @@ def test_cli_tiny_conv_run(tmp_path, capsys):
     assert png.stat().st_size > 1000
 
 
+@needs_ext
+def test_attention_cases_cover_the_brief():
+    from accel.bench import attention
+
+    full = attention.cases(harness.parse_args(["attention"]))
+    speed = [c for c in full if "vs SDPA" in c.group]
+    assert {c.params["L"] for c in speed} == {2048, 8192}
+    assert all((c.params["B"], c.params["H"], c.params["D"]) == (1, 8, 64) for c in speed)
+    assert {(c.mode, c.params["causal"]) for c in speed} == {(m, k) for m in ("fwd", "fwd+bwd") for k in (False, True)}
+    assert all("eager sigmoid" in c.peers for c in speed if c.mode == "fwd")
+    mem = [c for c in full if "memory" in c.group]
+    assert len(mem) == 1 and mem[0].params["L"] == 16384 and "eager sigmoid" in mem[0].peers
+    gpu = attention.cases(harness.parse_args(["attention", "--device", "cuda", "--dtype", "bf16"]))
+    assert {c.params["D"] for c in gpu} == {64, 128}
+    assert {c.params["L"] for c in gpu if "vs SDPA" in c.group} == {1024, 4096, 16384}
+
+
+@needs_ext
+def test_cli_tiny_attention_run(tmp_path, capsys):
+    out = tmp_path / "a.json"
+    rc = harness.main(["attention", "--size", "tiny", "--no-mem", "--reps", "1", "--budget", "0", "--json", str(out)])
+    text = capsys.readouterr().out
+    assert rc == 0, text
+    res = json.loads(out.read_text())["results"]
+    assert len(res) == 5  # 4 speed cases (fwd, fwd+bwd x causal or not) + 1 memory case
+    for r in res:
+        assert all(v > 0 for v in r["ratios"].values())
+        assert r["check"] and all(c["ok"] for c in r["check"].values()), r
+
+
 # --------------------------------------------------------------------------- demo
 
 @needs_ext
