@@ -129,6 +129,19 @@ def test_gradcheck_fp64(mask):
     assert torch.autograd.gradcheck(lambda a, b, c: sigmoid_attention(a, b, c, **kw), (q, k, v))
 
 
+@pytest.mark.parametrize("lq", [1, 5, 16, 17])  # <= 16 rows: the decode kernel; 17: the tiled one
+@pytest.mark.parametrize("mask", MASKS, ids=lambda m: "+".join(m) or "full")
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+def test_few_query_rows_over_long_keys(lq, mask, dtype):
+    q, k, v, bias = _inputs(2, 4, 2, lq, 1300, 48, torch.float64, seed=lq)
+    kw = _kwargs(mask, 4, 2, bias)
+    exact = ref.sigmoid_attention(q, k, v, **kw)
+    eager = ref.sigmoid_attention(*(t.to(dtype) for t in (q, k, v)), **kw)
+    out = sigmoid_attention(*(t.to(dtype) for t in (q, k, v)), **kw)
+    floor = (1e-6 if dtype == torch.float32 else 1e-3) * exact.abs().max().item()
+    assert _err(out, exact) <= 2 * _err(eager, exact) + floor
+
+
 def test_default_bias_and_scale():
     q, k, v, _ = _inputs(1, 2, 2, 17, 29, 16, torch.float32)
     out = sigmoid_attention(q, k, v)

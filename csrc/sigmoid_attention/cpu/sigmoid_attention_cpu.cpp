@@ -149,8 +149,9 @@ struct Packed {
   }
 };
 
-// Sequence lengths of the rows being packed (the full stored length, not seqused_k).
+// Rows of batch b that are packed: the sequence length (for keys, only the seqused_k valid ones).
 inline int64_t stored_len(const Problem& p, int64_t b, bool keys) {
+  if (keys && p.seqused_k) return p.seqused_k[b];
   if (!p.varlen) return keys ? p.max_len_k : p.max_len_q;
   const int32_t* cu = keys ? p.cu_seqlens_k : p.cu_seqlens_q;
   return cu[b + 1] - cu[b];
@@ -390,6 +391,92 @@ void forward_kernel(const Problem& p, const View<T>& q, const Packed<T>& kt, con
   });
 }
 
+// ------------------------------------------------------------------ decode
+// Few query rows (decoding with a KV cache): nothing but q is packed, and K/V are read once per
+// kv head. Per task (batch, kv head, chunk of keys), with the R = G * len_q query rows of the
+// head group stacked:
+//   S^T = K_chunk Q^T (n x R, K read in place),  S = (S^T)^T,  P = sigmoid(...) row by row,
+//   out_part = P V_chunk.
+// Sigmoid attention has no normaliser, so the chunks' partial outputs simply add up.
+constexpr int64_t kDecodeMaxRows = 16;       // query rows per sequence
+constexpr int64_t kDecodeMaxGroupRows = 64;  // query rows per kv head (G * rows)
+constexpr int64_t kDecodeChunk = 512;
+
+inline bool use_decode(const Problem& p) {
+  return p.max_len_q <= kDecodeMaxRows && (p.heads_q / p.heads_kv) * p.max_len_q <= kDecodeMaxGroupRows;
+}
+
+template <typename src_t, typename T>
+const T* rows_as(const src_t* src, int64_t rs, int64_t n, int64_t D, std::vector<T>& buf) {
+  if constexpr (std::is_same_v<src_t, T>) {
+    return src;
+  } else {
+    for (int64_t r = 0; r < n; ++r)
+      for (int64_t d = 0; d < D; ++d) buf[r * D + d] = static_cast<T>(src[r * rs + d]);
+    return buf.data();
+  }
+}
+
+template <typename src_t, typename T>
+void decode_kernel(const Problem& p, const View<src_t>& q, const View<src_t>& k, const View<src_t>& v, src_t* out) {
+  const int64_t D = p.head_dim, G = p.heads_q / p.heads_kv, CH = kDecodeChunk;
+  const int64_t RM = G * p.max_len_q;  // stacked rows per kv head (upper bound)
+  const int64_t nch = std::max<int64_t>(1, (p.max_len_k + CH - 1) / CH);
+  const int64_t part_stride = p.batch * p.heads_kv * RM * D;  // one chunk's partial outputs
+  std::vector<T> part(static_cast<size_t>(nch * part_stride), T(0));
+  at::parallel_for(0, p.batch * p.heads_kv * nch, 1, [&](int64_t begin, int64_t end) {
+    std::vector<T> qt(D * RM), st(CH * RM), sm(RM * CH), kbuf, vbuf;
+    if constexpr (!std::is_same_v<src_t, T>) {
+      kbuf.resize(CH * D);
+      vbuf.resize(CH * D);
+    }
+    for (int64_t t = begin; t < end; ++t) {
+      const int64_t ch = t % nch, hk = (t / nch) % p.heads_kv, b = t / (nch * p.heads_kv);
+      const Seq s = seq_of(p, b);
+      const int64_t m = s.len_q, R = G * m;
+      if (m == 0) continue;
+      const int64_t j0 = std::max(ch * CH, key_lo(p, s, 0)), j1 = std::min((ch + 1) * CH, key_hi(p, s, m - 1));
+      if (j0 >= j1) continue;
+      const int64_t n = j1 - j0;
+      for (int64_t g = 0; g < G; ++g)
+        for (int64_t i = 0; i < m; ++i) {
+          const src_t* qr = q.row(b, hk * G + g, s.q_row0 + i);
+          for (int64_t d = 0; d < D; ++d) qt[d * R + g * m + i] = static_cast<T>(qr[d]);
+        }
+      const T* kp = rows_as<src_t, T>(k.row(b, hk, s.k_row0 + j0), k.rs, n, D, kbuf);
+      gemm(n, R, D, std::is_same_v<src_t, T> ? k.rs : D, R, R, false, kp, qt.data(), st.data());
+      for (int64_t c = 0; c < n; ++c)
+        for (int64_t r = 0; r < R; ++r) sm[r * CH + c] = st[c * R + r];
+      for (int64_t g = 0; g < G; ++g) {
+        const int64_t h = hk * G + g;
+        const T bias = static_cast<T>(bias_of(p, s, h)), slope = slope_of(p, b, h), scale = static_cast<T>(p.scale);
+        for (int64_t i = 0; i < m; ++i) {
+          const int64_t c0 = std::clamp<int64_t>(key_lo(p, s, i) - j0, 0, n);
+          const int64_t c1 = std::clamp<int64_t>(key_hi(p, s, i) - j0, 0, n);
+          sigmoid_row(sm.data() + (g * m + i) * CH, n, c0, c1, scale, bias, slope, i + s.shift - j0);
+        }
+      }
+      const T* vp = rows_as<src_t, T>(v.row(b, hk, s.k_row0 + j0), v.rs, n, D, vbuf);
+      gemm(R, D, n, CH, std::is_same_v<src_t, T> ? v.rs : D, D, false, sm.data(), vp,
+           part.data() + ch * part_stride + (b * p.heads_kv + hk) * RM * D);
+    }
+    gemm_release(static_cast<T*>(nullptr));
+  });
+  for (int64_t b = 0; b < p.batch; ++b) {
+    const Seq s = seq_of(p, b);
+    for (int64_t h = 0; h < p.heads_q; ++h)
+      for (int64_t i = 0; i < s.len_q; ++i) {
+        src_t* o = p.varlen ? out + ((s.q_row0 + i) * p.heads_q + h) * D : out + ((b * p.heads_q + h) * p.max_len_q + i) * D;
+        const T* src = part.data() + ((b * p.heads_kv + h / G) * RM + (h % G) * s.len_q + i) * D;
+        for (int64_t d = 0; d < D; ++d) {
+          T acc = 0;
+          for (int64_t ch = 0; ch < nch; ++ch) acc += src[ch * part_stride + d];
+          o[d] = static_cast<src_t>(acc);
+        }
+      }
+  }
+}
+
 // ------------------------------------------------------------------ backward
 template <typename T>
 struct BwdViews {
@@ -504,6 +591,11 @@ at::Tensor fwd_cpu(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v
   if (out.numel() == 0) return out;
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, q.scalar_type(), "sigmoid_attention_fwd_cpu", [&] {
     using T = kernel_t<scalar_t>;
+    if (use_decode(p)) {
+      decode_kernel<scalar_t, T>(p, view_of<scalar_t>(p, q), view_of<scalar_t>(p, k), view_of<scalar_t>(p, v),
+                                 out.data_ptr<scalar_t>());
+      return;
+    }
     const auto kopt = q.options().dtype(c10::CppTypeToScalarType<T>::value);
     const Packed<T> kt = pack_transposed<scalar_t, T>(p, k.data_ptr<scalar_t>(), bhr_strides(p, k), p.heads_kv, true,
                                                       tiles().fwd_k, kopt);
