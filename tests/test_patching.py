@@ -232,7 +232,7 @@ def test_changes_math_needs_convert():
     assert skipped(report)["0"] == "changes the maths: opt in with convert={'activation': 'hardtanh'}"
     assert len(accel.patch(model, convert={"activation": "other"})) == 0
     with pytest.raises(ValueError, match="unknown conversion"):
-        accel.patch(model, convert={"attention": "sigmoid"})
+        accel.patch(model, convert={"no_such_conversion": True})
     report = accel.patch(model, convert={"activation": "hardtanh"})
     assert [e.new for e in report.replaced] == ["Hardtanh"]
 

@@ -1,4 +1,9 @@
 """Drop-in nn.Module replacements."""
 from accel.nn.dilated_conv import TCN, DilatedConv1d
+from accel.nn.sigmoid_attention import (
+    AdaptedSigmoidMultiheadAttention,
+    SigmoidAttention,
+    SigmoidMultiheadAttention,
+)
 
-__all__ = ["DilatedConv1d", "TCN"]
+__all__ = ["DilatedConv1d", "TCN", "SigmoidAttention", "SigmoidMultiheadAttention", "AdaptedSigmoidMultiheadAttention"]

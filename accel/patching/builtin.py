@@ -1,12 +1,13 @@
 """Rules that ship with accel itself (third-party model families come through plugins)."""
 from __future__ import annotations
 
-from typing import List, Optional
+from dataclasses import dataclass
+from typing import Any, Callable, List, Mapping, Optional, Sequence, Union
 
 import torch
 from torch import nn
 
-from accel.patching.rules import Rule
+from accel.patching.rules import ClassSpec, Rule
 
 # Grouped convs with more input channels per group than this stay with nn.Conv1d.
 MAX_CHANNELS_PER_GROUP = 16
@@ -77,5 +78,143 @@ CONV1D = Rule(
 )
 
 
+# ---------------------------------------------------------------- sigmoid attention
+
+# dtypes accel.ops.sigmoid_attention has kernels for, per device type.
+_ATTENTION_DTYPES = {
+    "cpu": (torch.float32, torch.float64, torch.bfloat16, torch.float16),
+    "cuda": (torch.float32, torch.bfloat16, torch.float16),
+}
+
+
+def _mha_parameters(module: nn.Module) -> Mapping[str, Any]:
+    from accel.nn.sigmoid_attention import mha_parameters  # lazy: accel.nn needs the native extension
+
+    return mha_parameters(module)
+
+
+def _call_like_mha(fused: nn.Module, *args, **kwargs):
+    from accel.nn.sigmoid_attention import call_like_mha
+
+    return call_like_mha(fused, *args, **kwargs)
+
+
+@dataclass(frozen=True)
+class SigmoidAttentionAdapter:
+    """How to read a module class as sigmoid multi-head attention, for :func:`sigmoid_attention_rule`.
+
+    - ``options(m)``: ``accel.nn.SigmoidMultiheadAttention`` constructor arguments equivalent to ``m``
+      (``embed_dim``, ``num_heads``, ``bias``, ``batch_first``, ``kdim``/``vdim``, ``add_bias_kv``,
+      ``add_zero_attn``, ``dropout``, ``attn_bias``, ``scale``, ``window``, ``alibi_slopes``); dtype and
+      device come from the parameters.
+    - ``parameters(m)``: ``m``'s parameters by ``SigmoidMultiheadAttention``'s names (``"in_proj_weight"``,
+      or ``"q_proj_weight"``/``"k_proj_weight"``/``"v_proj_weight"``, ``"in_proj_bias"``, ``"out_proj.weight"``,
+      ``"out_proj.bias"``, ``"bias_k"``, ``"bias_v"``); they are shared, not copied. Default: the same names
+      as ``nn.MultiheadAttention``.
+    - ``call(fused, *args, **kwargs)``: ``m``'s calling convention: maps the arguments ``m.forward`` takes
+      onto ``fused.attend(query, key, value, key_padding_mask=, attn_mask=, is_causal=)`` and returns
+      what ``m.forward`` returns. Default: called like ``nn.MultiheadAttention``.
+    - ``check(m)``: why ``m`` must be left alone (e.g. a configuration the adapter cannot map exactly), or None.
+
+    The replacement must compute what ``m`` computes; anything the adapter cannot map exactly belongs in ``check``.
+    """
+
+    options: Callable[[nn.Module], Mapping[str, Any]]
+    parameters: Callable[[nn.Module], Mapping[str, Any]] = _mha_parameters
+    call: Callable[..., Any] = _call_like_mha
+    check: Optional[Callable[[nn.Module], Optional[str]]] = None
+
+
+def _attention_check(adapter: SigmoidAttentionAdapter, module: nn.Module) -> Optional[str]:
+    if adapter.check is not None:
+        reason = adapter.check(module)
+        if reason:
+            return reason
+    options = adapter.options(module)
+    dropout = float(options.get("dropout", 0.0) or 0.0)
+    if dropout > 0:
+        return f"attention dropout {dropout:g} > 0: the fused sigmoid attention kernel has no dropout"
+    for name in ("attn_bias", "alibi_slopes"):
+        value = options.get(name)
+        if isinstance(value, torch.Tensor) and value.requires_grad:
+            return f"{name} is a learnable tensor: the fused kernel does not differentiate it"
+    tensors = [t for t in adapter.parameters(module).values() if t is not None]
+    if not tensors:
+        return "no projection parameters found"
+    dtype, device = tensors[0].dtype, tensors[0].device
+    if any(t.dtype != dtype for t in tensors):
+        return "its parameters have different dtypes"
+    if dtype not in _ATTENTION_DTYPES.get(device.type, _ATTENTION_DTYPES["cpu"]):
+        return f"dtype {str(dtype).replace('torch.', '')} has no accel sigmoid attention kernel on {device.type}"
+    return extension_reason("accel::sigmoid_attention_fwd", device)
+
+
+def _attention_build(adapter: SigmoidAttentionAdapter, module: nn.Module) -> nn.Module:
+    from accel.nn.sigmoid_attention import AdaptedSigmoidMultiheadAttention
+
+    return AdaptedSigmoidMultiheadAttention.from_parts(
+        adapter.options(module), adapter.parameters(module), training=module.training,
+        call_convention=adapter.call, replaces=type(module).__name__)
+
+
+def sigmoid_attention_rule(
+    classes: Union[ClassSpec, Sequence[ClassSpec]],
+    adapter: SigmoidAttentionAdapter,
+    *,
+    name: Optional[str] = None,
+    subclasses: bool = False,
+    description: str = "",
+) -> Rule:
+    """A patch rule that replaces modules of ``classes`` (sigmoid attention layers of another library) by
+    ``accel.nn.AdaptedSigmoidMultiheadAttention`` running the fused kernel, per instance.
+
+    For plugins: declare a module class as sigmoid attention with an adapter saying how to read it, and
+    add the returned rule to ``Plugin(rules=[...])`` or :func:`accel.patching.register_rule`. Besides the
+    adapter's own ``check``, the rule skips (with the reason) modules with attention dropout, learnable
+    bias or ALiBi tensors, dtypes without a kernel, and a missing native extension or device kernel.
+    """
+    classes = tuple(classes) if isinstance(classes, (tuple, list)) else (classes,)
+    if not isinstance(adapter, SigmoidAttentionAdapter):
+        raise TypeError("sigmoid_attention_rule: adapter must be a SigmoidAttentionAdapter, got "
+                        f"{type(adapter).__name__}")
+    label = ", ".join(c.__name__ if isinstance(c, type) else c.rsplit(".", 1)[-1] for c in classes)
+    return Rule(
+        name=name or f"{label}->SigmoidMultiheadAttention",
+        op="sigmoid_attention",
+        classes=classes,
+        check=lambda m: _attention_check(adapter, m),
+        build=lambda m: _attention_build(adapter, m),
+        subclasses=subclasses,
+        description=description or f"{label} -> accel.nn.AdaptedSigmoidMultiheadAttention (fused sigmoid attention)",
+    )
+
+
+def _reference_options(module: nn.Module) -> Mapping[str, Any]:
+    from accel.nn.sigmoid_attention import reference_options
+
+    return reference_options(module)
+
+
+def _reference_check(module: nn.Module) -> Optional[str]:
+    if module.dropout > 0:
+        return (f"dropout={module.dropout:g}: the reference module stores it without applying it, and the fused "
+                "kernel has no dropout, so which one to match is ambiguous")
+    return None
+
+
+def _call_like_reference(fused: nn.Module, *args, **kwargs):
+    from accel.nn.sigmoid_attention import call_like_reference
+
+    return call_like_reference(fused, *args, **kwargs)
+
+
+REFERENCE_SIGMOID_MHA = sigmoid_attention_rule(
+    "accel.reference.sigmoid_attention.SigmoidMultiheadAttention",
+    SigmoidAttentionAdapter(options=_reference_options, call=_call_like_reference, check=_reference_check),
+    name="reference.SigmoidMultiheadAttention->SigmoidMultiheadAttention",
+    description="accel.reference.SigmoidMultiheadAttention -> fused kernel, same call signature and return",
+)
+
+
 def builtin_rules() -> List[Rule]:
-    return [CONV1D]
+    return [CONV1D, REFERENCE_SIGMOID_MHA]

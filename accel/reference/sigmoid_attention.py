@@ -125,6 +125,8 @@ class SigmoidMultiheadAttention(nn.Module):
             raise ValueError(f"embed_dim ({embed_dim}) must be divisible by num_heads ({num_heads})")
         if not batch_first:
             raise ValueError("the reference SigmoidMultiheadAttention supports batch_first=True only")
+        if dropout:
+            raise ValueError(f"the reference SigmoidMultiheadAttention has no attention dropout, got dropout={dropout}")
         self.embed_dim, self.num_heads, self.dropout, self.batch_first = embed_dim, num_heads, dropout, batch_first
         self.head_dim = embed_dim // num_heads
         self.attn_bias = attn_bias

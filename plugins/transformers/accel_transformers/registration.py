@@ -1,0 +1,48 @@
+"""Registering the ``"accel_sigmoid"`` attention and mask functions with transformers."""
+from __future__ import annotations
+
+import threading
+
+from accel.patching import unmet_requirement
+
+NAME = "accel_sigmoid"
+REQUIRES = ("transformers>=5",)
+
+_lock = threading.Lock()
+
+
+def register() -> None:
+    """Make ``attn_implementation="accel_sigmoid"`` available to every transformers model (idempotent).
+
+    Registers the attention function with ``transformers.AttentionInterface`` and its mask function
+    with ``transformers.masking_utils.AttentionMaskInterface``: without the latter, transformers would
+    hand the attention function no mask at all (padding silently ignored). Raises ImportError when
+    transformers>=5 or accel's native extension is missing.
+    """
+    for req in REQUIRES:
+        unmet = unmet_requirement(req)
+        if unmet:
+            raise ImportError(f"accel_transformers {unmet}")
+    with _lock:
+        from transformers import AttentionInterface
+        from transformers.masking_utils import AttentionMaskInterface
+
+        from accel_transformers.attention import sigmoid_attention_forward
+        from accel_transformers.masks import sigmoid_attention_mask
+
+        if AttentionInterface._global_mapping.get(NAME) is not sigmoid_attention_forward:
+            AttentionInterface.register(NAME, sigmoid_attention_forward)
+        if AttentionMaskInterface._global_mapping.get(NAME) is not sigmoid_attention_mask:
+            AttentionMaskInterface.register(NAME, sigmoid_attention_mask)
+
+
+def registered() -> bool:
+    """Whether both functions are registered with transformers (False when transformers is not imported)."""
+    import sys
+
+    if "transformers.masking_utils" not in sys.modules or "transformers.modeling_utils" not in sys.modules:
+        return False
+    from transformers import AttentionInterface
+    from transformers.masking_utils import AttentionMaskInterface
+
+    return NAME in AttentionInterface._global_mapping and NAME in AttentionMaskInterface._global_mapping

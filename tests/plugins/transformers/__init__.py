@@ -1,0 +1,1 @@
+"""Tests of plugins/transformers (the accel-transformers distribution)."""
