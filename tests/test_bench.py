@@ -134,9 +134,10 @@ def test_attention_cases_cover_the_brief():
     assert {c.params["L"] for c in speed} == {2048, 8192}
     assert all((c.params["B"], c.params["H"], c.params["D"]) == (1, 8, 64) for c in speed)
     assert {(c.mode, c.params["causal"]) for c in speed} == {(m, k) for m in ("fwd", "fwd+bwd") for k in (False, True)}
-    assert all("eager sigmoid" in c.peers for c in speed if c.mode == "fwd")
+    assert all({"eager sigmoid", "eager sigmoid (in-place)"} <= set(c.peers) for c in speed if c.mode == "fwd")
+    assert all("eager sigmoid" in c.peers for c in speed if c.params["L"] == 2048)
     mem = [c for c in full if "memory" in c.group]
-    assert len(mem) == 1 and mem[0].params["L"] == 16384 and "eager sigmoid" in mem[0].peers
+    assert len(mem) == 1 and mem[0].params["L"] == 16384 and "eager sigmoid (in-place)" in mem[0].peers
     gpu = attention.cases(harness.parse_args(["attention", "--device", "cuda", "--dtype", "bf16"]))
     assert {c.params["D"] for c in gpu} == {64, 128}
     assert {c.params["L"] for c in gpu if "vs SDPA" in c.group} == {1024, 4096, 16384}

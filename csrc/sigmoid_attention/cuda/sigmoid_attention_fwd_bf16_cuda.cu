@@ -1,0 +1,9 @@
+// bf16 forward tensor-core kernels of sigmoid attention, one per head-dim bucket (see
+// sigmoid_attention_kernels.cuh). One file per (dtype, direction) so that they build in parallel.
+#include "sigmoid_attention/cuda/sigmoid_attention_kernels.cuh"
+
+namespace accel::sigmoid_attention::cuda {
+
+cudaError_t run_fwd_bf16(const Params& p, cudaStream_t stream) { return detail::dispatch_fwd<__nv_bfloat16>(p, stream); }
+
+}  // namespace accel::sigmoid_attention::cuda
