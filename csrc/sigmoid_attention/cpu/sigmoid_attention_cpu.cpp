@@ -218,34 +218,43 @@ inline __m256 sigmoid_of_t(__m256 t) {
 #define ACCEL_SIGMOID_AVX512 1
 // The same row map with AVX-512 (compiled for that target only, chosen at run time): 16 lanes,
 // vscalefps for 2^n (no lower clamp needed), rcp14 + one Newton step, masked tails.
-__attribute__((target("avx512f,avx512dq,avx512vl,avx512bw"))) void sigmoid_row_avx512(
-    float* s, int64_t c0, int64_t c1, float a, float c, float al, int64_t dpos) {
-  const __m512 va = _mm512_set1_ps(a), vc = _mm512_set1_ps(c), val = _mm512_set1_ps(al);
-  const __m512 hi = _mm512_set1_ps(126.f), one = _mm512_set1_ps(1.f), two = _mm512_set1_ps(2.f);
-  const __m512 k0 = _mm512_set1_ps(1.0000001192092896f), k1 = _mm512_set1_ps(0.6931469440460205f),
-               k2 = _mm512_set1_ps(0.24022120237350464f), k3 = _mm512_set1_ps(0.05550713092088699f),
-               k4 = _mm512_set1_ps(0.009675541892647743f), k5 = _mm512_set1_ps(0.001327647129073739f);
+#define ACCEL_AVX512_TARGET __attribute__((target("avx512f,avx512dq,avx512vl,avx512bw")))
+
+ACCEL_AVX512_TARGET inline void sigmoid16_avx512(float* p, __mmask16 m, __m512 va, __m512 vc, __m512 val,
+                                                 bool alibi, float dpos_col) {
   const __m512 iota = _mm512_setr_ps(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15);
+  __m512 t = _mm512_fmadd_ps(_mm512_maskz_loadu_ps(m, p), va, vc);
+  if (alibi) {
+    const __m512 dist = _mm512_abs_ps(_mm512_sub_ps(_mm512_set1_ps(dpos_col), iota));
+    t = _mm512_fmadd_ps(dist, val, t);
+  }
+  t = _mm512_min_ps(t, _mm512_set1_ps(126.f));
+  const __m512 n = _mm512_roundscale_ps(t, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+  const __m512 f = _mm512_sub_ps(t, n);
+  __m512 q = _mm512_fmadd_ps(_mm512_set1_ps(0.001327647129073739f), f, _mm512_set1_ps(0.009675541892647743f));
+  q = _mm512_fmadd_ps(q, f, _mm512_set1_ps(0.05550713092088699f));
+  q = _mm512_fmadd_ps(q, f, _mm512_set1_ps(0.24022120237350464f));
+  q = _mm512_fmadd_ps(q, f, _mm512_set1_ps(0.6931469440460205f));
+  q = _mm512_fmadd_ps(q, f, _mm512_set1_ps(1.0000001192092896f));
+  const __m512 d = _mm512_add_ps(_mm512_scalef_ps(q, n), _mm512_set1_ps(1.f));
+  const __m512 r = _mm512_rcp14_ps(d);
+  _mm512_mask_storeu_ps(p, m, _mm512_mul_ps(r, _mm512_fnmadd_ps(d, r, _mm512_set1_ps(2.f))));
+}
+
+ACCEL_AVX512_TARGET void sigmoid_row_avx512(float* s, int64_t c0, int64_t c1, float a, float c, float al,
+                                            int64_t dpos) {
+  const __m512 va = _mm512_set1_ps(a), vc = _mm512_set1_ps(c), val = _mm512_set1_ps(al);
   const bool alibi = al != 0.f;
-  for (int64_t col = c0; col < c1; col += 16) {
+  const __mmask16 all = static_cast<__mmask16>(0xffff);
+  int64_t col = c0;
+  for (; col + 32 <= c1; col += 32) {  // two independent chains per iteration
+    sigmoid16_avx512(s + col, all, va, vc, val, alibi, static_cast<float>(dpos - col));
+    sigmoid16_avx512(s + col + 16, all, va, vc, val, alibi, static_cast<float>(dpos - col - 16));
+  }
+  for (; col < c1; col += 16) {
     const int64_t left = c1 - col;
-    const __mmask16 m = left >= 16 ? static_cast<__mmask16>(0xffff) : static_cast<__mmask16>((1u << left) - 1u);
-    __m512 t = _mm512_fmadd_ps(_mm512_maskz_loadu_ps(m, s + col), va, vc);
-    if (alibi) {
-      const __m512 dist = _mm512_abs_ps(_mm512_sub_ps(_mm512_set1_ps(static_cast<float>(dpos - col)), iota));
-      t = _mm512_fmadd_ps(dist, val, t);
-    }
-    t = _mm512_min_ps(t, hi);
-    const __m512 n = _mm512_roundscale_ps(t, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
-    const __m512 f = _mm512_sub_ps(t, n);
-    __m512 q = _mm512_fmadd_ps(k5, f, k4);
-    q = _mm512_fmadd_ps(q, f, k3);
-    q = _mm512_fmadd_ps(q, f, k2);
-    q = _mm512_fmadd_ps(q, f, k1);
-    q = _mm512_fmadd_ps(q, f, k0);
-    const __m512 d = _mm512_add_ps(_mm512_scalef_ps(q, n), one);
-    const __m512 r = _mm512_rcp14_ps(d);
-    _mm512_mask_storeu_ps(s + col, m, _mm512_mul_ps(r, _mm512_fnmadd_ps(d, r, two)));
+    const __mmask16 m = left >= 16 ? all : static_cast<__mmask16>((1u << left) - 1u);
+    sigmoid16_avx512(s + col, m, va, vc, val, alibi, static_cast<float>(dpos - col));
   }
 }
 
@@ -587,7 +596,9 @@ at::Tensor fwd_cpu(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v
   std::vector<at::Tensor> keep;
   const Problem p = make_problem(q, k, v, cu_seqlens_q, cu_seqlens_k, seqused_k, max_seqlen_q, max_seqlen_k, scale,
                                  bias, bias_value, causal, window_left, window_right, alibi_slopes, keep);
-  at::Tensor out = at::zeros(q.sizes(), q.options().memory_format(at::MemoryFormat::Contiguous));
+  // every row of a dense output is written; varlen rows outside all sequences stay 0
+  const auto contig = q.options().memory_format(at::MemoryFormat::Contiguous);
+  at::Tensor out = p.varlen ? at::zeros(q.sizes(), contig) : at::empty(q.sizes(), contig);
   if (out.numel() == 0) return out;
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, q.scalar_type(), "sigmoid_attention_fwd_cpu", [&] {
     using T = kernel_t<scalar_t>;
