@@ -1,12 +1,17 @@
-"""One-line patching demo: ``python -m accel.demo [--quick]``.
+"""One-line patching demo: ``python -m accel.demo [--quick] [--model tcn|attention|both]``.
 
-Builds a small causal TCN language model out of plain ``nn.Conv1d`` layers (each block: depthwise
-causal dilated conv written the usual way, ``padding=(K-1)*d`` then chomp, + GELU + pointwise 1x1
-conv, with a residual), runs it, calls ``accel.patch(model)``, checks the output did not change,
-times the original against the patched model (interleaved medians, forward and forward+backward),
-then ``accel.unpatch(model)`` and checks the original modules are back.
+Two small language models written in plain PyTorch:
 
-Exits non-zero if the patched output differs by more than 1e-5 of the output's scale, if the
+* ``tcn``: a causal TCN out of ``nn.Conv1d`` layers (each block: depthwise causal dilated conv
+  written the usual way, ``padding=(K-1)*d`` then chomp, + GELU + pointwise 1x1 conv, residual);
+* ``attention``: a pre-norm transformer whose attention is the eager sigmoid attention module
+  ``accel.reference.SigmoidMultiheadAttention`` (causal), with GELU MLPs.
+
+For each: run it, call ``accel.patch(model)``, check the output and gradients did not change,
+time the original against the patched model (interleaved medians, forward and
+forward+backward), then ``accel.unpatch(model)`` and check the original modules are back.
+
+Exits non-zero if a patched output differs by more than 1e-5 of the output's scale, if the
 gradients differ by more than 1e-4 of their scale, if nothing was patched, or if unpatch does not
 restore the original modules.
 """
@@ -22,6 +27,7 @@ import torch
 from torch import nn
 
 import accel
+from accel import reference
 from accel.bench.harness import time_interleaved
 
 OUT_TOL = 1e-5  # max |patched - original| / max |original|, forward output
@@ -57,6 +63,36 @@ class TCNLanguageModel(nn.Module):
         return self.head(self.blocks(x))
 
 
+class SigmoidBlock(nn.Module):
+    """Pre-norm transformer block: causal eager sigmoid attention + GELU MLP, residuals."""
+
+    def __init__(self, dim: int, heads: int):
+        super().__init__()
+        self.norm1 = nn.LayerNorm(dim)
+        self.attn = reference.SigmoidMultiheadAttention(dim, heads)
+        self.norm2 = nn.LayerNorm(dim)
+        self.mlp = nn.Sequential(nn.Linear(dim, 4 * dim), nn.GELU(), nn.Linear(4 * dim, dim))
+
+    def forward(self, x):
+        h = self.norm1(x)
+        x = x + self.attn(h, h, h, is_causal=True)
+        return x + self.mlp(self.norm2(x))
+
+
+class SigmoidTransformerLM(nn.Module):
+    """Byte-level causal transformer with sigmoid attention: embedding -> blocks -> norm -> head."""
+
+    def __init__(self, vocab: int = 256, dim: int = 256, heads: int = 4, layers: int = 4):
+        super().__init__()
+        self.embed = nn.Embedding(vocab, dim)
+        self.blocks = nn.Sequential(*[SigmoidBlock(dim, heads) for _ in range(layers)])
+        self.norm = nn.LayerNorm(dim)
+        self.head = nn.Linear(dim, vocab)
+
+    def forward(self, tokens):  # (B, L) int64 -> (B, L, vocab) logits
+        return self.head(self.norm(self.blocks(self.embed(tokens))))
+
+
 def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
     a, b = a.detach().double(), b.detach().double()
     scale = a.abs().max().item()
@@ -80,24 +116,55 @@ def parse_args(argv=None):
     p.add_argument("--reps", type=int, default=None, help="timed rounds (default 5; quick 3)")
     p.add_argument("--no-timing", action="store_true", help="only the correctness and unpatch checks")
     p.add_argument("--threads", type=int, default=None, help="torch.set_num_threads")
+    p.add_argument("--model", choices=("tcn", "attention", "both"), default="both", help="which model(s) (default both)")
+    p.add_argument("--attn-dim", type=int, default=None, help="transformer width (default 256; quick 64)")
+    p.add_argument("--attn-heads", type=int, default=4, help="attention heads (default 4)")
+    p.add_argument("--attn-layers", type=int, default=None, help="transformer blocks (default 4; quick 2)")
+    p.add_argument("--attn-length", type=int, default=None, help="transformer input length (default 2048; quick 512)")
     args = p.parse_args(argv)
     args.channels = args.channels or (64 if args.quick else 256)
     args.length = args.length or (2048 if args.quick else 16384)
     args.blocks = args.blocks or (4 if args.quick else 8)
     args.reps = args.reps or (3 if args.quick else 5)
+    args.attn_dim = args.attn_dim or (64 if args.quick else 256)
+    args.attn_layers = args.attn_layers or (2 if args.quick else 4)
+    args.attn_length = args.attn_length or (512 if args.quick else 2048)
     return args
 
 
 def run(args) -> dict:
-    """Run the demo; return a dict with the checks' outcomes (``ok`` overall) and the timings."""
+    """Run the demo; return ``{"ok": bool, "models": {name: result}}`` (see :func:`run_model`)."""
     if args.threads:
         torch.set_num_threads(args.threads)
-    torch.manual_seed(0)
-    model = TCNLanguageModel(channels=args.channels, blocks=args.blocks, kernel_size=args.kernel_size)
-    tokens = torch.randint(0, 256, (1, args.length))
-    grad_out = torch.randn(1, 256, args.length)
+    results = {}
+    if args.model in ("tcn", "both"):
+        torch.manual_seed(0)
+        model = TCNLanguageModel(channels=args.channels, blocks=args.blocks, kernel_size=args.kernel_size)
+        tokens = torch.randint(0, 256, (1, args.length))
+        results["tcn"] = run_model("TCN language model", model, tokens, torch.randn(1, 256, args.length), args)
+    if args.model in ("attention", "both"):
+        torch.manual_seed(0)
+        model = SigmoidTransformerLM(dim=args.attn_dim, heads=args.attn_heads, layers=args.attn_layers)
+        tokens = torch.randint(0, 256, (1, args.attn_length))
+        results["attention"] = run_model("sigmoid-attention transformer", model, tokens,
+                                         torch.randn(1, args.attn_length, 256), args)
+    ok = all(r["ok"] for r in results.values())
+    if len(results) > 1:
+        print("\n== summary")
+        for name, r in results.items():
+            t = "  ".join(f"{k} {v['speedup']:.2f}x" for k, v in r["timings"].items())
+            print(f"{name:<10} {'OK' if r['ok'] else 'FAILED'}  replaced {r['replaced']}  {t}")
+    print("\n" + ("demo OK" if ok else "demo FAILED"))
+    return {"ok": ok, "models": results}
+
+
+def run_model(title: str, model: nn.Module, tokens: torch.Tensor, grad_out: torch.Tensor, args) -> dict:
+    """Patch one model; return the checks' outcomes (``ok``), the report's counts and the timings."""
+    with torch.no_grad():
+        shape = tuple(model(tokens[:, :8]).shape[:1]) + tuple(grad_out.shape[1:])
+    print(f"\n== {title}")
     print(model)
-    print(f"\ninput: tokens (1, {args.length}); output: logits (1, 256, {args.length}); "
+    print(f"\ninput: tokens {tuple(tokens.shape)}; output: logits {shape}; "
           f"{sum(p.numel() for p in model.parameters()) / 1e6:.2f} M parameters; torch threads {torch.get_num_threads()}")
 
     with torch.no_grad():
@@ -170,7 +237,7 @@ def run(args) -> dict:
         failures.append("output after unpatch differs from the original")
 
     ok = not failures
-    print("\n" + ("demo OK" if ok else "demo FAILED: " + "; ".join(failures)))
+    print("\n" + (f"{title}: OK" if ok else f"{title}: FAILED: " + "; ".join(failures)))
     return {"ok": ok, "failures": failures, "replaced": n_replaced, "output_rel_diff": out_rel,
             "grad_rel_diff": grad_rel, "timings": timings, "restored": restored}
 

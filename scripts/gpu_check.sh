@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # GPU check, for a machine with a CUDA GPU (the device tool's H200, or any CUDA box):
 # builds accel for the local GPU, runs the CUDA tests and the GPU benchmarks, and writes the
-# results under $OUT (default ./gpu-check-out). Meant to finish in under 8 minutes.
+# results under $OUT (default ./gpu-check-out). Meant to finish in under 10 minutes.
 #
 #   OUT=/some/dir bash scripts/gpu_check.sh
 #
@@ -32,12 +32,14 @@ say "build rc=$rc in $(( $(date +%s) - start )) s"
 PYTHONPATH=$PWD $PY -m accel.info 2>&1 | tee -a "$log"
 
 say "== CUDA tests"
-PYTHONPATH=$PWD timeout 300 $PY -m pytest -q -p no:cacheprovider tests/test_dilated_conv1d_cuda.py \
-  --junitxml="$OUT/cuda_tests.xml" 2>&1 | tail -25 | tee -a "$log"
+PYTHONPATH=$PWD timeout 360 $PY -m pytest -q -p no:cacheprovider tests/test_dilated_conv1d_cuda.py \
+  tests/test_sigmoid_attention_cuda.py --junitxml="$OUT/cuda_tests.xml" 2>&1 | tail -40 | tee -a "$log"
 test_rc=${PIPESTATUS[0]}
 say "cuda tests rc=$test_rc"
 
 say "== GPU benchmarks"
+# sigmoid attention vs SDPA's flash backend: bf16, L 1k-16k, D 64 and 128, causal and not
+PYTHONPATH=$PWD timeout 300 $PY -m accel.bench attention --device cuda --dtype bfloat16 --json "$OUT/bench_attention_cuda_bf16.json" 2>&1 | tee -a "$log"
 PYTHONPATH=$PWD timeout 240 $PY -m accel.bench conv --device cuda --dtype bfloat16 --json "$OUT/bench_conv_cuda_bf16.json" 2>&1 | tee -a "$log"
 PYTHONPATH=$PWD timeout 120 $PY -m accel.bench conv --device cuda --dtype float32 --quick --json "$OUT/bench_conv_cuda_fp32.json" 2>&1 | tee -a "$log"
 say "== done $(date -u +%FT%TZ)"
