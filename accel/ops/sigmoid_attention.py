@@ -203,24 +203,36 @@ def sigmoid_attention_kvcache(
                              f"{tuple(cache_seqlens.shape)} on {cache_seqlens.device}")
         if n_new > lmax:
             raise ValueError(f"{_NAME}: cannot append {n_new} tokens to a cache of length {lmax}")
-        if not torch.compiler.is_compiling() and not (
-                cache_seqlens.is_cuda and torch.cuda.is_current_stream_capturing()):
-            top = int((cache_seqlens.max() if B else torch.zeros(())).item())
-            low = int((cache_seqlens.min() if B else torch.zeros(())).item())
-            if low < 0 or top + n_new > lmax:
-                raise ValueError(f"{_NAME}: the cache is too small: cache_seqlens up to {top} plus {n_new} new tokens "
-                                 f"exceed its length {lmax} (or a cache_seqlens entry is negative: min {low})")
+        _check_cache_lengths(cache_seqlens, n_new, lmax)
         if n_new:
             idx = (cache_seqlens.to(torch.int64).unsqueeze(1)
                    + torch.arange(n_new, device=k_cache.device)).view(B, 1, n_new, 1).expand(B, hkv, n_new, d)
             k_cache.scatter_(2, idx, k_new)
             v_cache.scatter_(2, idx, v_new)
         seqused = cache_seqlens + n_new
+    elif cache_seqlens.is_cuda:
+        # the CPU kernel checks seqused_k itself; the CUDA kernels trust it
+        _check_cache_lengths(cache_seqlens, 0, k_cache.shape[2])
     bias_t, bias_v = _resolve_bias(bias)
     left, right = _resolve_window(window, causal)
     return torch.ops.accel.sigmoid_attention_fwd(
         q, k_cache, v_cache, None, None, seqused, q.shape[2], k_cache.shape[2], _resolve_scale(scale, q.shape[-1]),
         bias_t, bias_v, bool(causal), left, right, alibi_slopes)
+
+
+def _check_cache_lengths(cache_seqlens: Tensor, n_new: int, lmax: int) -> None:
+    """``0 <= cache_seqlens[b]`` and ``cache_seqlens[b] + n_new <= lmax``, read with one host sync.
+
+    Skipped while compiling or capturing a CUDA graph (the values are not readable there).
+    """
+    if torch.compiler.is_compiling() or cache_seqlens.numel() == 0:
+        return
+    if cache_seqlens.is_cuda and torch.cuda.is_current_stream_capturing():
+        return
+    low, top = torch.stack([cache_seqlens.min(), cache_seqlens.max()]).tolist()
+    if low < 0 or top + n_new > lmax:
+        raise ValueError(f"{_NAME}: the cache is too small: cache_seqlens up to {top} plus {n_new} new tokens "
+                         f"exceed its length {lmax} (or a cache_seqlens entry is negative: min {low})")
 
 
 # ---------------------------------------------------------------- fake (meta) implementations
