@@ -219,6 +219,9 @@ inline __m256 sigmoid_of_t(__m256 t) {
 // The same row map with AVX-512 (compiled for that target only, chosen at run time): 16 lanes,
 // vscalefps for 2^n (no lower clamp needed), rcp14 + one Newton step, masked tails.
 #define ACCEL_AVX512_TARGET __attribute__((target("avx512f,avx512dq,avx512vl,avx512bw")))
+// GCC 12 flags the _mm512_undefined_ps() pass-through inside its own unmasked intrinsics
+#pragma GCC diagnostic push
+#pragma GCC diagnostic ignored "-Wmaybe-uninitialized"
 
 ACCEL_AVX512_TARGET inline void sigmoid16_avx512(float* p, __mmask16 m, __m512 va, __m512 vc, __m512 val,
                                                  bool alibi, float dpos_col) {
@@ -254,6 +257,7 @@ ACCEL_AVX512_TARGET void sigmoid_row_avx512(float* s, int64_t c0, int64_t c1, fl
     sigmoid16_avx512(s + col, m, va, vc, val, alibi, static_cast<float>(dpos - col));
   }
 }
+#pragma GCC diagnostic pop
 
 bool use_avx512() {
   static const bool yes = [] {
@@ -352,9 +356,9 @@ inline void sigmoid_grad_row(double* s, double* g, int64_t n, int64_t c0, int64_
   for (int64_t c = c0; c < c1; ++c) g[c] = g[c] * scale * s[c] * (1.0 - s[c]);
 }
 
-// Transposed orientation: row c is key j = j0 + c, columns are queries i0 .. i0 + m. ALiBi's
-// distance is |i + shift - j| = |(i0 + col) + shift - j|, i.e. dpos = j - shift - i0 with the
-// sign flipped, which |.| ignores.
+// In the transposed orientation (backward, decode) row c is key j = j0 + c and the columns are
+// queries i0 + col; ALiBi's distance |i + shift - j| = |col - (j - shift - i0)|, so the row map
+// is called with dpos = j - shift - i0.
 
 // ------------------------------------------------------------------ forward
 template <typename T, typename out_t>
