@@ -195,9 +195,12 @@ Packed<T> pack_transposed(const Problem& p, const src_t* base, std::array<int64_
 // |f| <= 1/2, 2^f by a degree-5 polynomial (relative error 2.3e-7), 2^n through the exponent
 // bits; the reciprocal is rcp + one Newton step (about 1e-7 relative).
 constexpr float kLog2e = 1.4426950408889634f;
-// 2^f on [-1/2, 1/2], degree 5, fitted for relative error (max 2.3e-7 in fp32)
+// 2^f, degree 5, fitted for relative error: on [-1/2, 1/2] (AVX2, t = round(t) + f; max 2.3e-7
+// in fp32) and on [0, 1) (AVX-512, t = floor(t) + f from one vreduceps; max 1.6e-7).
 constexpr float kExp2[6] = {1.0000001192092896f, 0.6931469440460205f, 0.24022120237350464f,
                             0.05550713092088699f, 0.009675541892647743f, 0.001327647129073739f};
+constexpr float kExp2Unit[6] = {0.9999999403953552f, 0.6931530833244324f, 0.24015361070632935f,
+                                0.05582631751894951f, 0.008989340625703335f, 0.0018775766948238015f};
 
 #if defined(__AVX2__) && defined(__FMA__)
 inline __m256 sigmoid_of_t(__m256 t) {
@@ -232,11 +235,11 @@ ACCEL_AVX512_TARGET inline void sigmoid16_avx512(float* p, __mmask16 m, __m512 v
     t = _mm512_fmadd_ps(dist, val, t);
   }
   t = _mm512_min_ps(t, _mm512_set1_ps(126.f));
-  const __m512 n = _mm512_roundscale_ps(t, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
-  const __m512 f = _mm512_sub_ps(t, n);
-  __m512 q = _mm512_set1_ps(kExp2[5]);
-  for (int i = 4; i >= 0; --i) q = _mm512_fmadd_ps(q, f, _mm512_set1_ps(kExp2[i]));
-  const __m512 d = _mm512_add_ps(_mm512_scalef_ps(q, n), _mm512_set1_ps(1.f));
+  // f = t - floor(t) in one instruction; vscalefps multiplies by 2^floor(t) itself
+  const __m512 f = _mm512_reduce_ps(t, _MM_FROUND_TO_NEG_INF | _MM_FROUND_NO_EXC);
+  __m512 q = _mm512_set1_ps(kExp2Unit[5]);
+  for (int i = 4; i >= 0; --i) q = _mm512_fmadd_ps(q, f, _mm512_set1_ps(kExp2Unit[i]));
+  const __m512 d = _mm512_add_ps(_mm512_scalef_ps(q, t), _mm512_set1_ps(1.f));
   const __m512 r = _mm512_rcp14_ps(d);
   _mm512_mask_storeu_ps(p, m, _mm512_mul_ps(r, _mm512_fnmadd_ps(d, r, _mm512_set1_ps(2.f))));
 }
@@ -382,11 +385,16 @@ void forward_kernel(const Problem& p, const View<T>& q, const Packed<T>& kt, con
       for (int64_t kb = lo / BK; kb * BK < hi; ++kb) {
         const int64_t j0 = kb * BK, n = std::min(BK, hi - j0);
         gemm(m, n, D, q.rs, BK, BK, false, q_blk, kt.tile(hk, b, kb), s_buf.data());
-        for (int64_t r = 0; r < m; ++r) {
-          const int64_t i = i0 + r;
-          const int64_t c0 = std::clamp<int64_t>(key_lo(p, s, i) - j0, 0, n);
-          const int64_t c1 = std::clamp<int64_t>(key_hi(p, s, i) - j0, 0, n);
-          sigmoid_row(s_buf.data() + r * BK, n, c0, c1, scale, bias, slope, i + s.shift - j0);
+        if (n == BK && slope == T(0) && key_lo(p, s, i0 + m - 1) <= j0 && key_hi(p, s, i0) >= j0 + n) {
+          // no mask and no ALiBi in this tile: one pass over the contiguous block
+          sigmoid_row(s_buf.data(), m * BK, 0, m * BK, scale, bias, slope, 0);
+        } else {
+          for (int64_t r = 0; r < m; ++r) {
+            const int64_t i = i0 + r;
+            const int64_t c0 = std::clamp<int64_t>(key_lo(p, s, i) - j0, 0, n);
+            const int64_t c1 = std::clamp<int64_t>(key_hi(p, s, i) - j0, 0, n);
+            sigmoid_row(s_buf.data() + r * BK, n, c0, c1, scale, bias, slope, i + s.shift - j0);
+          }
         }
         gemm(m, D, n, BK, v.rs, D, true, s_buf.data(), v.row(b, hk, s.k_row0 + j0), acc.data());
       }
