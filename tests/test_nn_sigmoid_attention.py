@@ -11,9 +11,9 @@ from torch import nn
 import accel
 from accel import _ext
 from accel.patching import PatchWarning, SigmoidAttentionAdapter, register_rule, sigmoid_attention_rule
-from accel.patching import rules as rules_mod
 
-pytestmark = pytest.mark.skipif(not _ext.available(), reason=f"accel._C not built: {_ext.load_error()}")
+pytestmark = [pytest.mark.skipif(not _ext.available(), reason=f"accel._C not built: {_ext.load_error()}"),
+              pytest.mark.usefixtures("clean_patch_state")]
 
 if _ext.available():
     from accel.nn import AdaptedSigmoidMultiheadAttention, SigmoidAttention, SigmoidMultiheadAttention
@@ -23,13 +23,6 @@ if _ext.available():
 REFERENCE_RULE = "reference.SigmoidMultiheadAttention->SigmoidMultiheadAttention"
 
 
-@pytest.fixture(autouse=True)
-def _clean_state(monkeypatch):
-    for var in ("ACCEL_DISABLE", "ACCEL_PLUGINS", "ACCEL_DISABLE_PLUGINS"):
-        monkeypatch.delenv(var, raising=False)
-    saved = list(rules_mod._registered)
-    yield
-    rules_mod._registered[:] = saved
 
 
 def close(a, b, tol=1e-5):

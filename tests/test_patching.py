@@ -18,13 +18,7 @@ needs_ext = pytest.mark.skipif(not _ext.available(), reason=f"accel._C not built
 DILATED_CONV_RULE = "conv1d->DilatedConv1d"
 
 
-@pytest.fixture(autouse=True)
-def _clean_state(monkeypatch):
-    for var in ("ACCEL_DISABLE", "ACCEL_PLUGINS", "ACCEL_DISABLE_PLUGINS"):
-        monkeypatch.delenv(var, raising=False)
-    saved = list(rules_mod._registered)
-    yield
-    rules_mod._registered[:] = saved
+pytestmark = pytest.mark.usefixtures("clean_patch_state")
 
 
 class Chomp(nn.Module):
