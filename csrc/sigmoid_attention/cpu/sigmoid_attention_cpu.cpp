@@ -149,14 +149,6 @@ struct Packed {
   }
 };
 
-// Rows of batch b that are packed: the sequence length (for keys, only the seqused_k valid ones).
-inline int64_t stored_len(const Problem& p, int64_t b, bool keys) {
-  if (keys && p.seqused_k) return p.seqused_k[b];
-  if (!p.varlen) return keys ? p.max_len_k : p.max_len_q;
-  const int32_t* cu = keys ? p.cu_seqlens_k : p.cu_seqlens_q;
-  return cu[b + 1] - cu[b];
-}
-
 template <typename src_t, typename T>
 Packed<T> pack_transposed(const Problem& p, const src_t* base, std::array<int64_t, 3> st, int64_t heads, bool keys,
                           int64_t tile, const at::TensorOptions& opt) {
@@ -164,7 +156,10 @@ Packed<T> pack_transposed(const Problem& p, const src_t* base, std::array<int64_
   pk.T_ = tile;
   pk.D = p.head_dim;
   pk.first.resize(p.batch + 1, 0);
-  for (int64_t b = 0; b < p.batch; ++b) pk.first[b + 1] = pk.first[b] + (stored_len(p, b, keys) + tile - 1) / tile;
+  for (int64_t b = 0; b < p.batch; ++b) {  // keys: only the valid (seqused_k) rows are packed
+    const Seq s = seq_of(p, b);
+    pk.first[b + 1] = pk.first[b] + ((keys ? s.len_k : s.len_q) + tile - 1) / tile;
+  }
   pk.tiles = pk.first[p.batch];
   pk.storage = at::empty({std::max<int64_t>(1, heads * pk.tiles * pk.D * tile)}, opt);
   T* out = pk.storage.template data_ptr<T>();
@@ -174,8 +169,9 @@ Packed<T> pack_transposed(const Problem& p, const src_t* base, std::array<int64_
       const int64_t h = w / pk.tiles, gt = w % pk.tiles;
       const int64_t b = std::upper_bound(pk.first.begin(), pk.first.end(), gt) - pk.first.begin() - 1;
       const int64_t t = gt - pk.first[b];
-      const int64_t len = stored_len(p, b, keys), r0 = t * tile, rows = std::min(tile, len - r0);
-      const int64_t row0 = p.varlen ? (keys ? p.cu_seqlens_k[b] : p.cu_seqlens_q[b]) : 0;
+      const Seq s = seq_of(p, b);
+      const int64_t len = keys ? s.len_k : s.len_q, r0 = t * tile, rows = std::min(tile, len - r0);
+      const int64_t row0 = keys ? s.k_row0 : s.q_row0;
       T* dst = out + w * D * tile;
       for (int64_t r = 0; r < rows; ++r) {
         const src_t* src = base + b * st[0] + h * st[1] + (row0 + r0 + r) * st[2];
