@@ -12,6 +12,7 @@ from accel import _ext
 OPS = {
     "dilated_conv1d": ("dilated_conv1d", "dilated_conv1d_backward"),
     "sigmoid_attention": ("sigmoid_attention_fwd", "sigmoid_attention_bwd"),
+    "fused_moe": ("fused_moe_fwd", "fused_moe_bwd", "moe_route", "moe_route_backward"),
 }
 
 _DEVICES = ("CPU", "CUDA")

@@ -1,0 +1,194 @@
+"""Fused mixture-of-experts: top-k routing, grouped gated-MLP experts and the weighted combine.
+
+One registered op runs the whole expert block (``accel::fused_moe_fwd``, with its backward
+``accel::fused_moe_bwd``), another the routing (``accel::moe_route`` / ``moe_route_backward``), so
+a decode step costs two native calls and no per-expert Python.
+"""
+from __future__ import annotations
+
+from typing import Optional, Tuple
+
+import torch
+from torch import Tensor
+
+from accel import _ext
+
+_ext.load()
+
+_NAME = "fused_moe"
+ACTIVATIONS = ("silu", "gelu", "relu", "none")
+SCORINGS = ("softmax", "sigmoid")
+
+
+def _check_tensor(name: str, t, dims: int, layout: str) -> None:
+    if not isinstance(t, Tensor):
+        raise TypeError(f"{_NAME}: {name} must be a tensor, got {type(t).__name__}")
+    if t.dim() != dims:
+        raise ValueError(f"{_NAME}: {name} must be {dims}-D {layout}, got shape {tuple(t.shape)}")
+
+
+def _check_ids_on_host(topk_ids: Tensor, experts: int) -> None:
+    """CUDA kernels skip out-of-range ids (no out-of-bounds access); this turns them into an error.
+
+    It reads two numbers back from the GPU, so it is skipped while a CUDA graph is captured or
+    torch.compile traces (the kernels stay safe either way).
+    """
+    if topk_ids.numel() == 0 or torch.compiler.is_compiling() or torch.cuda.is_current_stream_capturing():
+        return
+    lo, hi = int(topk_ids.min()), int(topk_ids.max())
+    if lo < 0 or hi >= experts:
+        bad = lo if lo < 0 else hi
+        raise ValueError(f"{_NAME}: topk_ids must be in [0, E) = [0, {experts}), found {bad}")
+
+
+def moe_route(router_logits: Tensor, top_k: int, *, renormalize: bool = True,
+              scoring: str = "softmax") -> Tuple[Tensor, Tensor]:
+    """Top-k routing in one native call.
+
+    Args:
+        router_logits: ``(T, E)`` in any floating dtype (scored in float32).
+        top_k: experts per token, ``1 <= top_k <= E``.
+        renormalize: rescale the kept weights to sum to 1 per token.
+        scoring: ``"softmax"`` (over all experts, then top-k) or ``"sigmoid"`` (independent scores).
+
+    Returns:
+        ``(topk_weights, topk_ids)``: float32 ``(T, top_k)`` (float64 for float64 logits) in
+        descending score order (ties: the lower expert id first) and int64 ``(T, top_k)``. Differentiable with respect to
+        ``router_logits`` through the weights.
+    """
+    _check_tensor("router_logits", router_logits, 2, "(T, E)")
+    if scoring not in SCORINGS:
+        raise ValueError(f"{_NAME}: scoring must be one of {SCORINGS}, got {scoring!r}")
+    if isinstance(top_k, bool) or not isinstance(top_k, int) or not 1 <= top_k <= router_logits.shape[1]:
+        raise ValueError(f"{_NAME}: top_k must be an int in [1, E] = [1, {router_logits.shape[1]}], got {top_k!r}")
+    return torch.ops.accel.moe_route(router_logits, top_k, bool(renormalize), scoring)
+
+
+def fused_moe(
+    hidden: Tensor,
+    gate_up_proj: Tensor,
+    down_proj: Tensor,
+    *,
+    router_logits: Optional[Tensor] = None,
+    topk_weights: Optional[Tensor] = None,
+    topk_ids: Optional[Tensor] = None,
+    top_k: int = 2,
+    renormalize: bool = True,
+    scoring: str = "softmax",
+    activation: str = "silu",
+) -> Tensor:
+    """``out[t] = sum_j w[t, j] * down_e(act(gate_e(x_t)) * up_e(x_t))`` with ``e = topk_ids[t, j]``.
+
+    Args:
+        hidden: ``(T, H)``; float32 or bfloat16 on CPU (also float64 and float16), float32,
+            float16 or bfloat16 on CUDA.
+        gate_up_proj: ``(E, 2I, H)``, gate rows first, then up (transformers v5 experts layout).
+        down_proj: ``(E, H, I)``.
+        router_logits: ``(T, E)``; when given, routing runs in the op (``top_k``, ``renormalize``,
+            ``scoring`` apply) and gradients flow back to the logits.
+        topk_weights, topk_ids: precomputed routing ``(T, k)`` instead of ``router_logits``;
+            weights float32 or the hidden dtype, ids int64 or int32 in ``[0, E)``.
+        activation: ``"silu"`` (default), ``"gelu"`` (erf), ``"relu"`` or ``"none"`` (bilinear).
+
+    Returns:
+        ``(T, H)`` in the hidden dtype. Differentiable with respect to ``hidden``, both weights,
+        ``topk_weights`` and ``router_logits``.
+    """
+    _check_tensor("hidden", hidden, 2, "(T, H)")
+    _check_tensor("gate_up_proj", gate_up_proj, 3, "(E, 2I, H)")
+    _check_tensor("down_proj", down_proj, 3, "(E, H, I)")
+    if activation not in ACTIVATIONS:
+        raise ValueError(f"{_NAME}: activation must be one of {ACTIVATIONS}, got {activation!r}")
+    if router_logits is not None:
+        if topk_weights is not None or topk_ids is not None:
+            raise ValueError(f"{_NAME}: pass either router_logits or topk_weights/topk_ids, not both")
+        topk_weights, topk_ids = moe_route(router_logits, top_k, renormalize=renormalize, scoring=scoring)
+    elif topk_weights is None or topk_ids is None:
+        raise ValueError(f"{_NAME}: pass router_logits, or both topk_weights and topk_ids")
+    else:
+        _check_tensor("topk_weights", topk_weights, 2, "(T, k)")
+        _check_tensor("topk_ids", topk_ids, 2, "(T, k)")
+        if topk_ids.is_cuda:
+            _check_ids_on_host(topk_ids, gate_up_proj.shape[0])
+    save = torch.is_grad_enabled() and any(
+        t.requires_grad for t in (hidden, gate_up_proj, down_proj, topk_weights))
+    out, _ = torch.ops.accel.fused_moe_fwd(hidden, gate_up_proj, down_proj, topk_weights, topk_ids, activation, save)
+    return out
+
+
+# ---------------------------------------------------------------- fake (meta) implementations
+
+@torch.library.register_fake("accel::moe_route")
+def _route_fake(router_logits, top_k, renormalize, scoring):
+    t = router_logits.shape[0]
+    wdtype = torch.float64 if router_logits.dtype == torch.float64 else torch.float32
+    return (router_logits.new_empty((t, top_k), dtype=wdtype),
+            router_logits.new_empty((t, top_k), dtype=torch.int64))
+
+
+@torch.library.register_fake("accel::moe_route_backward")
+def _route_bwd_fake(grad_weights, router_logits, topk_weights, topk_ids, renormalize, scoring):
+    return router_logits.new_empty(router_logits.shape)
+
+
+@torch.library.register_fake("accel::fused_moe_fwd")
+def _fwd_fake(hidden, gate_up_proj, down_proj, topk_weights, topk_ids, activation, save_cache):
+    torch._check(hidden.dim() == 2 and gate_up_proj.dim() == 3 and down_proj.dim() == 3,
+                 lambda: f"{_NAME}: hidden (T, H), gate_up_proj (E, 2I, H), down_proj (E, H, I)")
+    rows = hidden.shape[0] * topk_ids.shape[1] if save_cache else 0
+    cache = hidden.new_empty((rows, gate_up_proj.shape[1]))
+    return hidden.new_empty(hidden.shape), cache
+
+
+@torch.library.register_fake("accel::fused_moe_bwd")
+def _bwd_fake(grad_out, hidden, gate_up_proj, down_proj, topk_weights, topk_ids, cache, activation, output_mask):
+    def grad(t, want):
+        return t.new_empty(t.shape) if want else t.new_empty((0,))
+    return (grad(hidden, output_mask[0]), grad(gate_up_proj, output_mask[1]), grad(down_proj, output_mask[2]),
+            grad(topk_weights, output_mask[3]))
+
+
+# ---------------------------------------------------------------- autograd
+
+def _route_setup(ctx, inputs, output):
+    logits, _, renormalize, scoring = inputs
+    weights, ids = output
+    ctx.save_for_backward(logits, weights, ids)
+    ctx.args = (renormalize, scoring)
+    ctx.mark_non_differentiable(ids)
+
+
+def _route_backward(ctx, grad_weights, grad_ids):
+    logits, weights, ids = ctx.saved_tensors
+    if grad_weights is None:
+        return None, None, None, None
+    grad = torch.ops.accel.moe_route_backward(grad_weights.float().contiguous(), logits, weights, ids, *ctx.args)
+    return grad, None, None, None
+
+
+torch.library.register_autograd("accel::moe_route", _route_backward, setup_context=_route_setup)
+
+
+def _fwd_setup(ctx, inputs, output):
+    hidden, w1, w2, weights, ids, activation, save_cache = inputs
+    _, cache = output
+    ctx.save_for_backward(hidden, w1, w2, weights, ids, cache)
+    ctx.activation = activation
+
+
+def _fwd_backward(ctx, grad_out, grad_cache):
+    hidden, w1, w2, weights, ids, cache = ctx.saved_tensors
+    need = ctx.needs_input_grad
+    mask = [bool(need[0]), bool(need[1]), bool(need[2]), bool(need[3])]
+    if grad_out is None or not any(mask):
+        return (None,) * 7
+    if cache.shape[0] != ids.shape[0] * ids.shape[1]:
+        raise RuntimeError(f"{_NAME}: the forward ran without saving its activations (save_cache=False); "
+                           "call accel.ops.fused_moe, which saves them when an input requires grad")
+    dx, dw1, dw2, dw = torch.ops.accel.fused_moe_bwd(
+        grad_out.contiguous(), hidden, w1, w2, weights, ids, cache, ctx.activation, mask)
+    return (dx if mask[0] else None, dw1 if mask[1] else None, dw2 if mask[2] else None,
+            dw if mask[3] else None, None, None, None)
+
+
+torch.library.register_autograd("accel::fused_moe_fwd", _fwd_backward, setup_context=_fwd_setup)

@@ -1,0 +1,717 @@
+// CPU kernels for the fused MoE ops: routing, forward and backward.
+//
+// Forward, after a counting sort of the T k (token, slot) pairs by expert:
+//   phase 1 (up):   for every active expert, gate and up rows of W1 against its tokens, then
+//                   h = act(g) u                                  -> H buffer (fp32)
+//   phase 2 (down): W2 rows against h, times the routing weight     -> one fp32 row per pair
+//   phase 3:        out[t] = sum of the token's k pair rows (each token reduced by one thread:
+//                   no atomics, a fixed order, so results are deterministic)
+// Each phase is one parallel region over a shared task list (dynamic scheduling), whatever the
+// number of experts, so a decode step pays three parallel regions and no per-expert overhead.
+//
+// Two kinds of task. An expert with few tokens (decode) streams its weight rows once from memory
+// and dots each row with its tokens' vectors, which stay in L1: bound by the weights' read
+// bandwidth. An expert with many tokens runs tiles on brgemm in the transposed orientation,
+// C^T (features x tokens) = W (features x K) X^T (K x tokens): the weights are read in place as
+// the A operand (no packing of the big matrix), and only the small activation block is
+// transposed. bf16/fp16 experts with many tokens use ATen's matmul instead (oneDNN's bf16
+// kernels), with the activation, routing weight and combine still fused here.
+//
+// Backward: per expert, ATen GEMMs on gathered rows (see fused_moe.h for the maths), the
+// activation derivative and d topk_weights fused in between, d hidden accumulated in fp32.
+#include <ATen/ATen.h>
+#include <ATen/Dispatch.h>
+#include <ATen/Parallel.h>
+#include <ATen/cpu/vec/functional.h>
+#include <ATen/cpu/vec/vec.h>
+#include <ATen/native/CPUBlas.h>
+#include <torch/library.h>
+
+#include <algorithm>
+#include <atomic>
+#include <cmath>
+#include <cstdlib>
+#include <numeric>
+#include <string>
+#include <vector>
+
+#include "common/activation.h"
+#include "common/checks.h"
+#include "fused_moe/fused_moe.h"
+
+namespace accel::fused_moe {
+namespace {
+
+using at::vec::Vectorized;
+using Vec = Vectorized<float>;
+constexpr int64_t kV = Vec::size();
+
+int64_t env_int(const char* name, int64_t dflt) {
+  const char* s = std::getenv(name);
+  if (!s || !*s) return dflt;
+  const long v = std::strtol(s, nullptr, 10);
+  return v > 0 ? v : dflt;
+}
+
+// Experts with at most this many tokens stream their weights; more take the GEMM tiles.
+int64_t stream_max_tokens() {
+  static const int64_t v = env_int("ACCEL_MOE_STREAM_MAX_TOKENS", 8);
+  return v;
+}
+constexpr int64_t kStreamRows = 32;  // weight rows per streaming task
+constexpr int64_t kTileN = 32;       // output features per GEMM tile (A rows)
+constexpr int64_t kTileT = 64;       // tokens per GEMM tile (B columns)
+
+// Runs fn(i) for i in [0, n) on the intra-op threads, each thread taking the next index.
+template <typename F>
+void parallel_tasks(int64_t n, const F& fn) {
+  if (n <= 0) return;
+  if (n == 1 || at::get_num_threads() == 1 || at::in_parallel_region()) {
+    for (int64_t i = 0; i < n; ++i) fn(i);
+    return;
+  }
+  std::atomic<int64_t> next{0};
+  at::parallel_for(0, std::min<int64_t>(n, at::get_num_threads()), 1, [&](int64_t b, int64_t e) {
+    for (int64_t w = b; w < e; ++w) {
+      for (int64_t i = next.fetch_add(1); i < n; i = next.fetch_add(1)) fn(i);
+    }
+  });
+}
+
+// ------------------------------------------------------------------ routing tables
+
+struct Routing {
+  int64_t tokens = 0, top_k = 0, experts = 0, pairs = 0;
+  std::vector<int64_t> offsets;  // experts + 1: segment of expert e in sorted order
+  std::vector<int64_t> order;    // sorted position -> pair index p = t * k + j
+};
+
+template <typename id_t>
+void fill_routing(const id_t* ids, Routing& r) {
+  std::vector<int64_t> count(r.experts + 1, 0);
+  for (int64_t p = 0; p < r.pairs; ++p) {
+    const int64_t e = static_cast<int64_t>(ids[p]);
+    TORCH_CHECK(e >= 0 && e < r.experts, kOp, ": topk_ids must be in [0, E) = [0, ", r.experts, "), found ", e,
+                " at token ", p / r.top_k, ", slot ", p % r.top_k);
+    ++count[e + 1];
+  }
+  r.offsets.assign(r.experts + 1, 0);
+  for (int64_t e = 0; e < r.experts; ++e) r.offsets[e + 1] = r.offsets[e] + count[e + 1];
+  std::vector<int64_t> fill(r.offsets.begin(), r.offsets.end() - 1);
+  r.order.resize(r.pairs);
+  for (int64_t p = 0; p < r.pairs; ++p) r.order[fill[static_cast<int64_t>(ids[p])]++] = p;
+}
+
+Routing make_routing(const at::Tensor& topk_ids, int64_t experts) {
+  Routing r;
+  r.tokens = topk_ids.size(0);
+  r.top_k = topk_ids.size(1);
+  r.experts = experts;
+  r.pairs = r.tokens * r.top_k;
+  const at::Tensor ids = topk_ids.contiguous();
+  if (ids.scalar_type() == at::kLong) {
+    fill_routing(ids.const_data_ptr<int64_t>(), r);
+  } else {
+    fill_routing(ids.const_data_ptr<int32_t>(), r);
+  }
+  return r;
+}
+
+// ------------------------------------------------------------------ vector helpers
+
+inline float hsum(const Vec& v) {
+  alignas(64) float tmp[kV];
+  v.store(tmp);
+  float s = 0.f;
+  for (int64_t i = 0; i < kV; ++i) s += tmp[i];
+  return s;
+}
+
+// Two float vectors (2 kV elements) from p.
+inline void load2(const float* p, Vec& a, Vec& b) {
+  a = Vec::loadu(p);
+  b = Vec::loadu(p + kV);
+}
+inline void load2(const c10::BFloat16* p, Vec& a, Vec& b) {
+  std::tie(a, b) = at::vec::convert_bfloat16_float(Vectorized<c10::BFloat16>::loadu(p));
+}
+inline void load2(const c10::Half* p, Vec& a, Vec& b) {
+  std::tie(a, b) = at::vec::convert_half_float(Vectorized<c10::Half>::loadu(p));
+}
+
+// res[t * ld_res + (r - r0)] = w[r, :] . x[t, :] for rows r in [r0, r1) and the NT token vectors
+// x (row stride K). Each weight row is read once for all NT tokens.
+template <typename T, int NT, typename acc_t>
+void dot_rows(const T* w, int64_t K, int64_t r0, int64_t r1, const acc_t* x, acc_t* res, int64_t ld_res) {
+  if constexpr (std::is_same_v<acc_t, double>) {
+    for (int64_t r = r0; r < r1; ++r) {
+      const T* row = w + r * K;
+      for (int t = 0; t < NT; ++t) {
+        double s = 0;
+        for (int64_t k = 0; k < K; ++k) s += static_cast<double>(row[k]) * x[t * K + k];
+        res[t * ld_res + (r - r0)] = s;
+      }
+    }
+  } else {
+    const int64_t kv = K - K % (2 * kV);
+    for (int64_t r = r0; r < r1; ++r) {
+      const T* row = w + r * K;
+      Vec acc[NT];
+      for (int t = 0; t < NT; ++t) acc[t] = Vec(0.f);
+      for (int64_t k = 0; k < kv; k += 2 * kV) {
+        Vec a, b;
+        load2(row + k, a, b);
+        for (int t = 0; t < NT; ++t) {
+          acc[t] = at::vec::fmadd(a, Vec::loadu(x + t * K + k), acc[t]);
+          acc[t] = at::vec::fmadd(b, Vec::loadu(x + t * K + k + kV), acc[t]);
+        }
+      }
+      for (int t = 0; t < NT; ++t) {
+        float s = hsum(acc[t]);
+        for (int64_t k = kv; k < K; ++k) s += static_cast<float>(row[k]) * x[t * K + k];
+        res[t * ld_res + (r - r0)] = s;
+      }
+    }
+  }
+}
+
+// dot_rows over n tokens (any n), in register blocks of up to 4.
+template <typename T, typename acc_t>
+void dot_rows_n(const T* w, int64_t K, int64_t r0, int64_t r1, const acc_t* x, int64_t n, acc_t* res,
+                int64_t ld_res) {
+  for (int64_t t0 = 0; t0 < n; t0 += 4) {
+    const acc_t* xt = x + t0 * K;
+    acc_t* rt = res + t0 * ld_res;
+    switch (std::min<int64_t>(4, n - t0)) {
+      case 4: dot_rows<T, 4>(w, K, r0, r1, xt, rt, ld_res); break;
+      case 3: dot_rows<T, 3>(w, K, r0, r1, xt, rt, ld_res); break;
+      case 2: dot_rows<T, 2>(w, K, r0, r1, xt, rt, ld_res); break;
+      default: dot_rows<T, 1>(w, K, r0, r1, xt, rt, ld_res); break;
+    }
+  }
+}
+
+template <typename acc_t>
+inline acc_t act_fwd(acc_t z, Activation a) {
+  return activation_forward<acc_t>(z, a);
+}
+
+// ------------------------------------------------------------------ forward
+
+template <typename T>
+struct ForwardCtx {
+  using acc_t = at::opmath_type<T>;
+  const Geometry& g;
+  const Routing& r;
+  Activation act;
+  const T* x;           // (T, H)
+  const T* w1;          // (E, 2I, H)
+  const T* w2;          // (E, H, I)
+  const float* wf = nullptr;  // routing weights, float32 (T k) ...
+  const T* wt = nullptr;      // ... or in the hidden dtype
+  T* cache = nullptr;         // (T k, 2I) or null
+  std::vector<char> gemm;     // per expert: runs the GEMM tiles (else streams)
+  std::vector<int64_t> xoff, hoff;  // per expert: offsets into xbuf / hbuf (elements)
+  std::vector<acc_t> xbuf;    // streaming: (n, H) rows; GEMM: (H x kTileT) blocks of X^T
+  std::vector<acc_t> hbuf;    // streaming: (n, I) rows; GEMM: (I x kTileT) blocks of H^T
+  acc_t* ypair = nullptr;     // (T k, H): routing weight x expert output, per pair
+
+  acc_t weight(int64_t p) const { return wf ? static_cast<acc_t>(wf[p]) : static_cast<acc_t>(wt[p]); }
+  int64_t count(int64_t e) const { return r.offsets[e + 1] - r.offsets[e]; }
+  int64_t token(int64_t s) const { return r.order[s] / r.top_k; }
+};
+
+// gate/up results g, u (n_tok x rows, row stride ld) of features [j0, j0 + rows) for sorted
+// positions s0.. -> h into hbuf and the cache
+template <typename T, typename acc_t>
+void up_epilogue(ForwardCtx<T>& c, int64_t s0, int64_t n_tok, int64_t j0, int64_t rows, const acc_t* gv,
+                 const acc_t* uv, int64_t ld, acc_t* h, int64_t h_row_stride, int64_t h_col_stride) {
+  const int64_t I = c.g.inter;
+  for (int64_t t = 0; t < n_tok; ++t) {
+    T* cache_row = c.cache ? c.cache + c.r.order[s0 + t] * 2 * I : nullptr;
+    for (int64_t i = 0; i < rows; ++i) {
+      const acc_t gg = gv[t * ld + i], uu = uv[t * ld + i];
+      if (cache_row) {
+        cache_row[j0 + i] = static_cast<T>(gg);
+        cache_row[I + j0 + i] = static_cast<T>(uu);
+      }
+      h[t * h_row_stride + (j0 + i) * h_col_stride] = act_fwd<acc_t>(gg, c.act) * uu;
+    }
+  }
+}
+
+template <typename T>
+void stream_up_task(ForwardCtx<T>& c, int64_t e, int64_t j0, int64_t j1) {
+  using acc_t = typename ForwardCtx<T>::acc_t;
+  const int64_t H = c.g.hidden, I = c.g.inter, n = c.count(e), s0 = c.r.offsets[e];
+  const T* w = c.w1 + e * 2 * I * H;
+  const int64_t rows = j1 - j0;
+  acc_t gv[4 * kStreamRows], uv[4 * kStreamRows];
+  for (int64_t t0 = 0; t0 < n; t0 += 4) {
+    const int64_t nt = std::min<int64_t>(4, n - t0);
+    const acc_t* x = c.xbuf.data() + c.xoff[e] + t0 * H;
+    dot_rows_n<T, acc_t>(w, H, j0, j1, x, nt, gv, kStreamRows);
+    dot_rows_n<T, acc_t>(w, H, I + j0, I + j1, x, nt, uv, kStreamRows);
+    up_epilogue<T, acc_t>(c, s0 + t0, nt, j0, rows, gv, uv, kStreamRows, c.hbuf.data() + c.hoff[e] + t0 * I, I, 1);
+  }
+}
+
+template <typename T>
+void stream_down_task(ForwardCtx<T>& c, int64_t e, int64_t h0, int64_t h1) {
+  using acc_t = typename ForwardCtx<T>::acc_t;
+  const int64_t H = c.g.hidden, I = c.g.inter, n = c.count(e), s0 = c.r.offsets[e];
+  const T* w = c.w2 + e * H * I;
+  acc_t yv[4 * kStreamRows];
+  for (int64_t t0 = 0; t0 < n; t0 += 4) {
+    const int64_t nt = std::min<int64_t>(4, n - t0);
+    dot_rows_n<T, acc_t>(w, I, h0, h1, c.hbuf.data() + c.hoff[e] + t0 * I, nt, yv, kStreamRows);
+    for (int64_t t = 0; t < nt; ++t) {
+      const int64_t p = c.r.order[s0 + t0 + t];
+      const acc_t wp = c.weight(p);
+      acc_t* y = c.ypair + p * H;
+      for (int64_t i = 0; i < h1 - h0; ++i) y[h0 + i] = wp * yv[t * kStreamRows + i];
+    }
+  }
+}
+
+// GEMM tiles (fp32 only): X^T blocks of kTileT tokens were packed into xbuf (H x kTileT each).
+void gemm_up_task(ForwardCtx<float>& c, int64_t e, int64_t j0, int64_t j1) {
+  const int64_t H = c.g.hidden, I = c.g.inter, n = c.count(e), s0 = c.r.offsets[e];
+  const float* w = c.w1 + e * 2 * I * H;
+  const int64_t rows = j1 - j0;
+  alignas(64) float cg[kTileN * kTileT], cu[kTileN * kTileT], tg[kTileT * kTileN], tu[kTileT * kTileN];
+  for (int64_t tb = 0; tb * kTileT < n; ++tb) {
+    const int64_t nt = std::min<int64_t>(kTileT, n - tb * kTileT);
+    const float* xt = c.xbuf.data() + c.xoff[e] + tb * H * kTileT;
+    at::native::cpublas::brgemm(rows, nt, H, H, kTileT, kTileT, false, w + j0 * H, xt, cg, false);
+    at::native::cpublas::brgemm(rows, nt, H, H, kTileT, kTileT, false, w + (I + j0) * H, xt, cu, false);
+    // (features x tokens) -> (tokens x features) for the epilogue
+    for (int64_t i = 0; i < rows; ++i) {
+      for (int64_t t = 0; t < nt; ++t) {
+        tg[t * kTileN + i] = cg[i * kTileT + t];
+        tu[t * kTileN + i] = cu[i * kTileT + t];
+      }
+    }
+    // h^T block of this token tile: feature-major (I x kTileT)
+    float* ht = c.hbuf.data() + c.hoff[e] + tb * I * kTileT;
+    up_epilogue<float, float>(c, s0 + tb * kTileT, nt, j0, rows, tg, tu, kTileN, ht, 1, kTileT);
+  }
+}
+
+void gemm_down_task(ForwardCtx<float>& c, int64_t e, int64_t h0, int64_t h1) {
+  const int64_t H = c.g.hidden, I = c.g.inter, n = c.count(e), s0 = c.r.offsets[e];
+  const float* w = c.w2 + e * H * I;
+  const int64_t rows = h1 - h0;
+  alignas(64) float cy[kTileN * kTileT];
+  for (int64_t tb = 0; tb * kTileT < n; ++tb) {
+    const int64_t nt = std::min<int64_t>(kTileT, n - tb * kTileT);
+    const float* ht = c.hbuf.data() + c.hoff[e] + tb * I * kTileT;
+    at::native::cpublas::brgemm(rows, nt, I, I, kTileT, kTileT, false, w + h0 * I, ht, cy, false);
+    for (int64_t t = 0; t < nt; ++t) {
+      const int64_t p = c.r.order[s0 + tb * kTileT + t];
+      const float wp = c.weight(p);
+      float* y = c.ypair + p * H + h0;
+      for (int64_t i = 0; i < rows; ++i) y[i] = wp * cy[i * kTileT + t];
+    }
+  }
+}
+
+// bf16/fp16 experts with many tokens: ATen matmul (oneDNN) per expert, run one after another
+// (each GEMM is itself parallel), the activation and the weighted scatter fused here.
+template <typename T>
+void aten_expert(ForwardCtx<T>& c, int64_t e, const at::Tensor& hidden, const at::Tensor& w1, const at::Tensor& w2) {
+  using acc_t = typename ForwardCtx<T>::acc_t;
+  const int64_t H = c.g.hidden, I = c.g.inter, n = c.count(e), s0 = c.r.offsets[e];
+  std::vector<int64_t> tok(n);
+  for (int64_t i = 0; i < n; ++i) tok[i] = c.token(s0 + i);
+  const at::Tensor idx = at::from_blob(tok.data(), {n}, at::kLong);
+  const at::Tensor xe = hidden.index_select(0, idx);
+  const at::Tensor gu = at::mm(xe, w1[e].t());  // (n, 2I)
+  at::Tensor he = at::empty({n, I}, hidden.options());
+  const T* gup = gu.const_data_ptr<T>();
+  T* hp = he.mutable_data_ptr<T>();
+  at::parallel_for(0, n, 1, [&](int64_t b, int64_t end) {
+    for (int64_t i = b; i < end; ++i) {
+      const T* row = gup + i * 2 * I;
+      T* cache_row = c.cache ? c.cache + c.r.order[s0 + i] * 2 * I : nullptr;
+      if (cache_row) std::copy(row, row + 2 * I, cache_row);
+      for (int64_t j = 0; j < I; ++j) {
+        hp[i * I + j] = static_cast<T>(act_fwd<acc_t>(static_cast<acc_t>(row[j]), c.act) *
+                                       static_cast<acc_t>(row[I + j]));
+      }
+    }
+  });
+  const at::Tensor ye = at::mm(he, w2[e].t());  // (n, H)
+  const T* yp = ye.const_data_ptr<T>();
+  at::parallel_for(0, n, 1, [&](int64_t b, int64_t end) {
+    for (int64_t i = b; i < end; ++i) {
+      const int64_t p = c.r.order[s0 + i];
+      const acc_t wp = c.weight(p);
+      acc_t* y = c.ypair + p * H;
+      for (int64_t j = 0; j < H; ++j) y[j] = wp * static_cast<acc_t>(yp[i * H + j]);
+    }
+  });
+}
+
+template <typename T>
+std::tuple<at::Tensor, at::Tensor> forward_impl(const at::Tensor& hidden, const at::Tensor& w1,
+                                                const at::Tensor& w2, const at::Tensor& weights,
+                                                const Routing& r, const Geometry& g, Activation act,
+                                                bool save_cache) {
+  using acc_t = at::opmath_type<T>;
+  const int64_t H = g.hidden, I = g.inter, E = g.experts, P = r.pairs;
+  at::Tensor out = at::empty({g.tokens, H}, hidden.options());
+  at::Tensor cache = at::empty({save_cache ? P : 0, 2 * I}, hidden.options());
+  if (g.tokens == 0) return {out, cache};
+  if (I == 0) {
+    out.zero_();
+    return {out, cache};
+  }
+
+  ForwardCtx<T> c{g, r, act, hidden.const_data_ptr<T>(), w1.const_data_ptr<T>(), w2.const_data_ptr<T>()};
+  if (weights.scalar_type() == at::kFloat) {
+    c.wf = weights.const_data_ptr<float>();
+  } else {
+    c.wt = weights.const_data_ptr<T>();
+  }
+  c.cache = save_cache ? cache.mutable_data_ptr<T>() : nullptr;
+  std::vector<acc_t> ypair(static_cast<size_t>(P) * H);
+  c.ypair = ypair.data();
+
+  // per expert: path and buffer offsets
+  constexpr bool kBrgemm = std::is_same_v<T, float>;
+  constexpr bool kAten = std::is_same_v<T, c10::BFloat16> || std::is_same_v<T, c10::Half>;
+  const int64_t smax = stream_max_tokens();
+  c.gemm.assign(E, 0);
+  c.xoff.assign(E, 0);
+  c.hoff.assign(E, 0);
+  int64_t xsize = 0, hsize = 0;
+  std::vector<int64_t> aten_experts;
+  for (int64_t e = 0; e < E; ++e) {
+    const int64_t n = c.count(e);
+    if (n == 0) continue;
+    if (n > smax && (kBrgemm || kAten)) c.gemm[e] = 1;
+    if (c.gemm[e] && kAten) {
+      aten_experts.push_back(e);
+      continue;
+    }
+    const int64_t cap = c.gemm[e] ? (n + kTileT - 1) / kTileT * kTileT : n;
+    c.xoff[e] = xsize;
+    c.hoff[e] = hsize;
+    xsize += cap * H;
+    hsize += cap * I;
+  }
+  c.xbuf.resize(xsize);
+  c.hbuf.resize(hsize);
+
+  // phase 0: gather the tokens (widened to acc_t): rows for streaming, X^T blocks for GEMMs
+  struct Task {
+    int64_t e, a, b;
+  };
+  std::vector<Task> tasks;
+  for (int64_t e = 0; e < E; ++e) {
+    const int64_t n = c.count(e);
+    if (n == 0 || (c.gemm[e] && kAten)) continue;
+    if (c.gemm[e]) {
+      for (int64_t tb = 0; tb * kTileT < n; ++tb) tasks.push_back({e, tb, 0});
+    } else {
+      tasks.push_back({e, 0, n});
+    }
+  }
+  parallel_tasks(static_cast<int64_t>(tasks.size()), [&](int64_t i) {
+    const Task& t = tasks[i];
+    const int64_t s0 = r.offsets[t.e];
+    if (c.gemm[t.e]) {
+      const int64_t n = c.count(t.e), m0 = t.a * kTileT, nt = std::min<int64_t>(kTileT, n - m0);
+      acc_t* xt = c.xbuf.data() + c.xoff[t.e] + t.a * H * kTileT;
+      for (int64_t m = 0; m < nt; ++m) {
+        const T* xr = c.x + c.token(s0 + m0 + m) * H;
+        for (int64_t k = 0; k < H; ++k) xt[k * kTileT + m] = static_cast<acc_t>(xr[k]);
+      }
+    } else {
+      for (int64_t m = t.a; m < t.b; ++m) {
+        const T* xr = c.x + c.token(s0 + m) * H;
+        acc_t* dst = c.xbuf.data() + c.xoff[t.e] + m * H;
+        for (int64_t k = 0; k < H; ++k) dst[k] = static_cast<acc_t>(xr[k]);
+      }
+    }
+  });
+
+  // phase 1: up projections; phase 2: down projections (features split into tasks)
+  auto make_tasks = [&](int64_t features) {
+    tasks.clear();
+    for (int64_t e = 0; e < E; ++e) {
+      if (c.count(e) == 0 || (c.gemm[e] && kAten)) continue;
+      const int64_t step = c.gemm[e] ? kTileN : kStreamRows;
+      for (int64_t f = 0; f < features; f += step) tasks.push_back({e, f, std::min(features, f + step)});
+    }
+  };
+  auto run_phase = [&](bool up) {
+    parallel_tasks(static_cast<int64_t>(tasks.size()), [&](int64_t i) {
+      const Task& t = tasks[i];
+      if constexpr (kBrgemm) {
+        if (c.gemm[t.e]) {
+          up ? gemm_up_task(c, t.e, t.a, t.b) : gemm_down_task(c, t.e, t.a, t.b);
+          return;
+        }
+      }
+      up ? stream_up_task<T>(c, t.e, t.a, t.b) : stream_down_task<T>(c, t.e, t.a, t.b);
+    });
+    if constexpr (kBrgemm) {
+      at::parallel_for(0, at::get_num_threads(), 1, [](int64_t, int64_t) {
+        at::native::cpublas::brgemm_release(false);
+      });
+    }
+  };
+  make_tasks(I);
+  run_phase(true);
+  make_tasks(H);
+  run_phase(false);
+  if constexpr (kAten) {
+    for (const int64_t e : aten_experts) aten_expert<T>(c, e, hidden, w1, w2);
+  }
+
+  // phase 3: combine each token's k rows, in slot order
+  T* o = out.mutable_data_ptr<T>();
+  const int64_t K = r.top_k;
+  at::parallel_for(0, g.tokens, 1, [&](int64_t b, int64_t end) {
+    for (int64_t t = b; t < end; ++t) {
+      const acc_t* y = c.ypair + t * K * H;
+      for (int64_t h = 0; h < H; ++h) {
+        acc_t s = y[h];
+        for (int64_t j = 1; j < K; ++j) s += y[j * H + h];
+        o[t * H + h] = static_cast<T>(s);
+      }
+    }
+  });
+  return {out, cache};
+}
+
+std::tuple<at::Tensor, at::Tensor> fused_moe_fwd_cpu(const at::Tensor& hidden_, const at::Tensor& w1_,
+                                                     const at::Tensor& w2_, const at::Tensor& weights_,
+                                                     const at::Tensor& ids, c10::string_view activation,
+                                                     bool save_cache) {
+  const Geometry g = check_forward(hidden_, w1_, w2_, weights_, ids);
+  const Activation act = parse_activation(std::string(activation), kOp);
+  const Routing r = make_routing(ids, g.experts);
+  const at::Tensor hidden = hidden_.contiguous(), w1 = w1_.contiguous(), w2 = w2_.contiguous();
+  const at::Tensor weights = weights_.contiguous();
+  std::tuple<at::Tensor, at::Tensor> res;
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, hidden.scalar_type(), "fused_moe_fwd_cpu", [&] {
+    res = forward_impl<scalar_t>(hidden, w1, w2, weights, r, g, act, save_cache);
+  });
+  return res;
+}
+
+// ------------------------------------------------------------------ backward
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> fused_moe_bwd_cpu(
+    const at::Tensor& grad_out_, const at::Tensor& hidden_, const at::Tensor& w1_, const at::Tensor& w2_,
+    const at::Tensor& weights_, const at::Tensor& ids, const at::Tensor& cache_, c10::string_view activation,
+    std::array<bool, 4> mask) {
+  const Geometry g = check_backward(grad_out_, hidden_, w1_, w2_, weights_, ids, cache_);
+  const Activation act = parse_activation(std::string(activation), kOp);
+  const Routing r = make_routing(ids, g.experts);
+  const at::Tensor grad_out = grad_out_.contiguous(), hidden = hidden_.contiguous();
+  const at::Tensor w1 = w1_.contiguous(), w2 = w2_.contiguous(), weights = weights_.contiguous();
+  const at::Tensor cache = cache_.contiguous();
+  const int64_t H = g.hidden, I = g.inter, E = g.experts;
+  const auto opts = hidden.options();
+  const at::ScalarType acc_type = at::toOpMathType(hidden.scalar_type());
+
+  at::Tensor dx_acc = mask[0] ? at::zeros({g.tokens, H}, opts.dtype(acc_type)) : at::Tensor();
+  at::Tensor dw1 = mask[1] ? at::zeros(w1.sizes(), opts) : at::empty({0}, opts);
+  at::Tensor dw2 = mask[2] ? at::zeros(w2.sizes(), opts) : at::empty({0}, opts);
+  at::Tensor dwt_acc = mask[3] ? at::zeros({r.pairs}, opts.dtype(acc_type)) : at::Tensor();
+  const at::Tensor wflat = weights.reshape({-1}).to(acc_type);
+
+  for (int64_t e = 0; e < E && g.tokens > 0; ++e) {
+    const int64_t s0 = r.offsets[e], n = r.offsets[e + 1] - s0;
+    if (n == 0) continue;
+    std::vector<int64_t> pair(r.order.begin() + s0, r.order.begin() + s0 + n), tok(n);
+    for (int64_t i = 0; i < n; ++i) tok[i] = pair[i] / r.top_k;
+    const at::Tensor pidx = at::from_blob(pair.data(), {n}, at::kLong).clone();
+    const at::Tensor tidx = at::from_blob(tok.data(), {n}, at::kLong).clone();
+    const at::Tensor go = grad_out.index_select(0, tidx);              // (n, H)
+    const at::Tensor gu = cache.index_select(0, pidx).to(acc_type);    // (n, 2I)
+    const at::Tensor gate = gu.narrow(1, 0, I), up = gu.narrow(1, I, I);
+    at::Tensor a_gate, d_act;
+    switch (act) {
+      case Activation::Silu: {
+        const at::Tensor s = at::sigmoid(gate);
+        a_gate = gate * s;
+        d_act = s * (1 + gate * (1 - s));
+        break;
+      }
+      case Activation::Gelu: {
+        a_gate = at::gelu(gate);
+        d_act = 0.5 * (1 + at::erf(gate * M_SQRT1_2)) + gate * at::exp(-0.5 * gate * gate) * (0.5 * M_2_SQRTPI * M_SQRT1_2);
+        break;
+      }
+      case Activation::Relu:
+        a_gate = at::relu(gate);
+        d_act = (gate > 0).to(acc_type);
+        break;
+      default:
+        a_gate = gate;
+        d_act = at::ones_like(gate);
+    }
+    const at::Tensor h = a_gate * up;                                   // (n, I) acc
+    const at::Tensor z = at::mm(go, w2[e]).to(acc_type);               // (n, I) = dout W2
+    const at::Tensor wp = wflat.index_select(0, pidx).unsqueeze(1);     // (n, 1)
+    if (mask[3]) dwt_acc.index_copy_(0, pidx, (z * h).sum(1));
+    if (!(mask[0] || mask[1] || mask[2])) continue;
+    const at::Tensor dh = wp * z;
+    if (mask[2]) dw2[e].copy_(at::mm((wp * go.to(acc_type)).to(hidden.scalar_type()).t(), h.to(hidden.scalar_type())));
+    if (mask[0] || mask[1]) {
+      const at::Tensor dgu = at::cat({dh * up * d_act, dh * a_gate}, 1).to(hidden.scalar_type());  // (n, 2I)
+      if (mask[1]) dw1[e].copy_(at::mm(dgu.t(), hidden.index_select(0, tidx)));
+      if (mask[0]) dx_acc.index_add_(0, tidx, at::mm(dgu, w1[e]).to(acc_type));
+    }
+  }
+  at::Tensor dx = mask[0] ? dx_acc.to(hidden.scalar_type()) : at::empty({0}, opts);
+  at::Tensor dwt = mask[3] ? dwt_acc.view(weights.sizes()).to(weights.scalar_type())
+                           : at::empty({0}, weights.options());
+  return {dx, dw1, dw2, dwt};
+}
+
+// ------------------------------------------------------------------ routing
+
+// The k largest scores of one token, in descending order (ties: the lower expert id first; a NaN
+// score never wins over a number, and every slot is filled as E >= k).
+template <typename acc_t>
+void select_top_k(const acc_t* s, int64_t E, int64_t k, int64_t* ids) {
+  for (int64_t j = 0; j < k; ++j) ids[j] = -1;
+  for (int64_t e = 0; e < E; ++e) {
+    int64_t pos = k;
+    while (pos > 0 && (ids[pos - 1] < 0 || s[e] > s[ids[pos - 1]])) --pos;
+    if (pos >= k) continue;
+    for (int64_t j = k - 1; j > pos; --j) ids[j] = ids[j - 1];
+    ids[pos] = e;
+  }
+}
+
+// Scores in acc_t (float32, or float64 for float64 logits): softmax over the experts or sigmoid.
+template <typename T, typename acc_t>
+void scores_of(const T* l, int64_t E, Scoring scoring, acc_t* s) {
+  if (scoring == Scoring::Softmax) {
+    acc_t m = -INFINITY;
+    for (int64_t e = 0; e < E; ++e) m = std::max(m, static_cast<acc_t>(l[e]));
+    acc_t sum = 0;
+    for (int64_t e = 0; e < E; ++e) sum += (s[e] = std::exp(static_cast<acc_t>(l[e]) - m));
+    for (int64_t e = 0; e < E; ++e) s[e] /= sum;
+  } else {
+    for (int64_t e = 0; e < E; ++e) s[e] = acc_t(1) / (acc_t(1) + std::exp(-static_cast<acc_t>(l[e])));
+  }
+}
+
+template <typename T, typename acc_t>
+void route_impl(const T* logits, int64_t tokens, int64_t E, int64_t k, bool renorm, Scoring scoring, acc_t* w,
+                int64_t* ids) {
+  at::parallel_for(0, tokens, 16, [&](int64_t b, int64_t end) {
+    std::vector<acc_t> s(E);
+    for (int64_t t = b; t < end; ++t) {
+      scores_of<T, acc_t>(logits + t * E, E, scoring, s.data());
+      int64_t* id = ids + t * k;
+      select_top_k<acc_t>(s.data(), E, k, id);
+      acc_t* wt = w + t * k;
+      acc_t tot = 0;
+      for (int64_t j = 0; j < k; ++j) tot += (wt[j] = s[id[j]]);
+      if (renorm) {
+        for (int64_t j = 0; j < k; ++j) wt[j] /= tot;
+      }
+    }
+  });
+}
+
+// Routing weights are float32 (as transformers' routers give them), float64 for float64 logits.
+at::ScalarType route_weight_type(const at::Tensor& logits) {
+  return logits.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
+}
+
+std::tuple<at::Tensor, at::Tensor> moe_route_cpu(const at::Tensor& logits_, int64_t top_k, bool renormalize,
+                                                 c10::string_view scoring) {
+  check_route(logits_, top_k);
+  const Scoring sc = parse_scoring(std::string(scoring));
+  const at::Tensor logits = logits_.contiguous();
+  const int64_t T = logits.size(0), E = logits.size(1);
+  at::Tensor w = at::empty({T, top_k}, logits.options().dtype(route_weight_type(logits)));
+  at::Tensor ids = at::empty({T, top_k}, logits.options().dtype(at::kLong));
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, logits.scalar_type(), "moe_route_cpu", [&] {
+    using acc_t = std::conditional_t<std::is_same_v<scalar_t, double>, double, float>;
+    route_impl<scalar_t, acc_t>(logits.const_data_ptr<scalar_t>(), T, E, top_k, renormalize, sc,
+                                w.mutable_data_ptr<acc_t>(), ids.mutable_data_ptr<int64_t>());
+  });
+  return {w, ids};
+}
+
+template <typename acc_t>
+void route_backward_impl(const acc_t* gp, const acc_t* lp, const int64_t* ip, int64_t T, int64_t E, int64_t k,
+                         bool renormalize, Scoring sc, acc_t* out) {
+  at::parallel_for(0, T, 16, [&](int64_t b, int64_t end) {
+    std::vector<acc_t> p(E);
+    for (int64_t t = b; t < end; ++t) {
+      const acc_t* g = gp + t * k;
+      const int64_t* id = ip + t * k;
+      acc_t* d = out + t * E;
+      if (sc == Scoring::Softmax) {
+        scores_of<acc_t, acc_t>(lp + t * E, E, sc, p.data());
+        if (renormalize) {  // w_j = softmax over the kept logits
+          acc_t kept = 0, dot = 0;
+          for (int64_t j = 0; j < k; ++j) kept += p[id[j]];
+          for (int64_t j = 0; j < k; ++j) dot += (p[id[j]] / kept) * g[j];
+          for (int64_t j = 0; j < k; ++j) d[id[j]] += (p[id[j]] / kept) * (g[j] - dot);
+        } else {  // w_j = p_j of the full softmax
+          acc_t dot = 0;
+          for (int64_t j = 0; j < k; ++j) dot += p[id[j]] * g[j];
+          for (int64_t e = 0; e < E; ++e) d[e] = -p[e] * dot;
+          for (int64_t j = 0; j < k; ++j) d[id[j]] += p[id[j]] * g[j];
+        }
+      } else {
+        for (int64_t j = 0; j < k; ++j) p[j] = acc_t(1) / (acc_t(1) + std::exp(-lp[t * E + id[j]]));
+        if (renormalize) {  // w_j = p_j / sum_kept p
+          acc_t kept = 0, dot = 0;
+          for (int64_t j = 0; j < k; ++j) kept += p[j];
+          for (int64_t j = 0; j < k; ++j) dot += (p[j] / kept) * g[j];
+          for (int64_t j = 0; j < k; ++j) d[id[j]] += (g[j] - dot) / kept * p[j] * (acc_t(1) - p[j]);
+        } else {
+          for (int64_t j = 0; j < k; ++j) d[id[j]] += g[j] * p[j] * (acc_t(1) - p[j]);
+        }
+      }
+    }
+  });
+}
+
+at::Tensor moe_route_backward_cpu(const at::Tensor& grad_w, const at::Tensor& logits, const at::Tensor& w,
+                                  const at::Tensor& ids_, bool renormalize, c10::string_view scoring) {
+  check_dim(kRouteOp, "topk_ids", ids_, 2, "(T, k)");
+  check_route(logits, ids_.size(1));
+  const Scoring sc = parse_scoring(std::string(scoring));
+  const int64_t T = logits.size(0), E = logits.size(1), k = ids_.size(1);
+  TORCH_CHECK(ids_.size(0) == T && grad_w.sizes() == ids_.sizes() && w.sizes() == ids_.sizes(), kRouteOp,
+              ": grad_weights, topk_weights and topk_ids must all be (T, k) = (", T, ", ", k, ")");
+  const at::Tensor ids = ids_.to(at::kLong).contiguous();
+  if (ids.numel() > 0) {
+    const int64_t lo = ids.min().item<int64_t>(), hi = ids.max().item<int64_t>();
+    TORCH_CHECK(lo >= 0 && hi < E, kRouteOp, ": topk_ids must be in [0, E) = [0, ", E, "), found ", lo < 0 ? lo : hi);
+  }
+  const at::ScalarType acc = route_weight_type(logits);
+  const at::Tensor gw = grad_w.to(acc).contiguous(), lg = logits.to(acc).contiguous();
+  at::Tensor grad = at::zeros({T, E}, logits.options().dtype(acc));
+  AT_DISPATCH_FLOATING_TYPES(acc, "moe_route_backward_cpu", [&] {
+    route_backward_impl<scalar_t>(gw.const_data_ptr<scalar_t>(), lg.const_data_ptr<scalar_t>(),
+                                  ids.const_data_ptr<int64_t>(), T, E, k, renormalize, sc,
+                                  grad.mutable_data_ptr<scalar_t>());
+  });
+  return grad.to(logits.scalar_type());
+}
+
+}  // namespace
+}  // namespace accel::fused_moe
+
+TORCH_LIBRARY_IMPL(accel, CPU, m) {
+  m.impl("moe_route", &accel::fused_moe::moe_route_cpu);
+  m.impl("moe_route_backward", &accel::fused_moe::moe_route_backward_cpu);
+  m.impl("fused_moe_fwd", &accel::fused_moe::fused_moe_fwd_cpu);
+  m.impl("fused_moe_bwd", &accel::fused_moe::fused_moe_bwd_cpu);
+}
