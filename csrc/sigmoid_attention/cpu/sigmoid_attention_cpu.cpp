@@ -31,6 +31,7 @@
 #include <string>
 #include <vector>
 
+#include "common/cpu_isa.h"
 #include "sigmoid_attention/sigmoid_attention.h"
 
 namespace accel::sigmoid_attention {
@@ -217,7 +218,6 @@ inline __m256 sigmoid_of_t(__m256 t) {
 #define ACCEL_SIGMOID_AVX512 1
 // The same row map with AVX-512 (compiled for that target only, chosen at run time): 16 lanes,
 // vscalefps for 2^n (no lower clamp needed), rcp14 + one Newton step, masked tails.
-#define ACCEL_AVX512_TARGET __attribute__((target("avx512f,avx512dq,avx512vl,avx512bw")))
 // GCC 12 flags the _mm512_undefined_ps() pass-through inside its own unmasked intrinsics
 #pragma GCC diagnostic push
 #pragma GCC diagnostic ignored "-Wmaybe-uninitialized"
@@ -258,16 +258,7 @@ ACCEL_AVX512_TARGET void sigmoid_row_avx512(float* s, int64_t c0, int64_t c1, fl
 }
 #pragma GCC diagnostic pop
 
-bool use_avx512() {
-  static const bool yes = [] {
-    const char* isa = std::getenv("ACCEL_CPU_ISA");
-    if (isa && std::string(isa) == "avx2") return false;
-    __builtin_cpu_init();
-    return __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512dq") &&
-           __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("avx512bw");
-  }();
-  return yes;
-}
+bool use_avx512() { return cpu::cpu_has_avx512(); }
 #endif
 
 inline float sigmoid_scalar(float t) {
