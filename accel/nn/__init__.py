@@ -1,9 +1,13 @@
 """Drop-in nn.Module replacements."""
 from accel.nn.dilated_conv import TCN, DilatedConv1d
+from accel.nn.fused_moe import FusedMoE
 from accel.nn.sigmoid_attention import (
     AdaptedSigmoidMultiheadAttention,
     SigmoidAttention,
     SigmoidMultiheadAttention,
 )
 
-__all__ = ["DilatedConv1d", "TCN", "SigmoidAttention", "SigmoidMultiheadAttention", "AdaptedSigmoidMultiheadAttention"]
+__all__ = [
+    "DilatedConv1d", "TCN", "FusedMoE", "SigmoidAttention", "SigmoidMultiheadAttention",
+    "AdaptedSigmoidMultiheadAttention",
+]

@@ -162,7 +162,8 @@ def _route_backward(ctx, grad_weights, grad_ids):
     logits, weights, ids = ctx.saved_tensors
     if grad_weights is None:
         return None, None, None, None
-    grad = torch.ops.accel.moe_route_backward(grad_weights.float().contiguous(), logits, weights, ids, *ctx.args)
+    grad = torch.ops.accel.moe_route_backward(grad_weights.to(weights.dtype).contiguous(), logits, weights, ids,
+                                              *ctx.args)
     return grad, None, None, None
 
 

@@ -8,6 +8,14 @@
       import accel_transformers
       model = AutoModelForCausalLM.from_config(config, attn_implementation="accel_sigmoid")
 
+- ``experts_implementation="accel"``: a transformers experts implementation running accel's fused MoE
+  kernel, registered with transformers' ``ExpertsInterface`` at the same time::
+
+      model = AutoModelForCausalLM.from_config(config, experts_implementation="accel")
+
+- ``accel.patch(model)`` replaces Mixtral, Qwen2-MoE, Qwen3-MoE and OLMoE sparse MoE blocks by
+  ``accel.nn.FusedMoE`` (routing and experts fused, parameters shared; the outputs stay the same).
+
 - ``accel.patch(model, convert={"attention": "sigmoid"})``: opt-in conversion of a softmax model to
   sigmoid attention (it changes the outputs; for fine-tuning). Without ``convert=`` this plugin
   never changes a model's maths.
@@ -18,21 +26,26 @@ from __future__ import annotations
 
 from accel.patching import Plugin, unmet_requirement
 from accel_transformers.conversion import SIGMOID_CONVERSION
-from accel_transformers.registration import NAME, REQUIRES, register, registered
+from accel_transformers.moe import MOE_BLOCK_RULE
+from accel_transformers.registration import EXPERTS_NAME, NAME, REQUIRES, register, registered
 
 __version__ = "0.1.0"
 
 plugin = Plugin(
     name="transformers",
     requires=REQUIRES,
+    rules=[MOE_BLOCK_RULE],
     method_patches=[SIGMOID_CONVERSION],
-    description="Hugging Face transformers: the accel_sigmoid attention backend; convert={'attention': 'sigmoid'}",
+    description="Hugging Face transformers: the accel_sigmoid attention backend, the accel experts implementation, "
+                "sparse MoE blocks -> FusedMoE; convert={'attention': 'sigmoid'}",
 )
 
-# Register now when transformers>=5 is installed, so attn_implementation="accel_sigmoid" works right
-# after `import accel_transformers`. Without it, importing this package must still work: accel imports
-# it to read `plugin`, whose requirement check then reports "skipped: needs transformers>=5".
+# Register now when transformers>=5 is installed, so attn_implementation="accel_sigmoid" and
+# experts_implementation="accel" work right after `import accel_transformers`. Without it, importing this
+# package must still work: accel imports it to read `plugin`, whose requirement check then reports
+# "skipped: needs transformers>=5".
 if all(unmet_requirement(req) is None for req in REQUIRES):
     register()
 
-__all__ = ["plugin", "register", "registered", "NAME", "SIGMOID_CONVERSION", "__version__"]
+__all__ = ["plugin", "register", "registered", "NAME", "EXPERTS_NAME", "SIGMOID_CONVERSION", "MOE_BLOCK_RULE",
+           "__version__"]

@@ -87,11 +87,20 @@ def _closure_vars(fn: Callable) -> dict:
 
 # Code objects of transformers' mask-function factories: a function with the same code and the same
 # closure values computes the same mask, so recognising them this way cannot be wrong, only incomplete.
-_AND_CODE = mu.and_masks(mu.causal_mask_function).__code__
-_SLIDING_CODE = mu.sliding_window_overlay(1).__code__
-_SLIDING_BIDIRECTIONAL_CODE = mu.sliding_window_bidirectional_overlay(1).__code__
-_REMAP_CODE = mu.remap_positions_for_packed_sequence(mu.causal_mask_function, None).__code__
-_PACKED_CODE = mu.packed_sequence_mask_function(None).__code__
+# A factory this transformers release lacks gets a fresh sentinel code object that no mask
+# function has, so its pattern is simply never recognised (older 5.x releases lack some).
+def _factory_code(name: str, *args):
+    factory = getattr(mu, name, None)
+    if factory is None:
+        return (lambda: None).__code__
+    return factory(*args).__code__
+
+
+_AND_CODE = _factory_code("and_masks", mu.causal_mask_function)
+_SLIDING_CODE = _factory_code("sliding_window_overlay", 1)
+_SLIDING_BIDIRECTIONAL_CODE = _factory_code("sliding_window_bidirectional_overlay", 1)
+_REMAP_CODE = _factory_code("remap_positions_for_packed_sequence", mu.causal_mask_function, None)
+_PACKED_CODE = _factory_code("packed_sequence_mask_function", None)
 
 
 def known_pattern(mask_function: Callable) -> Optional[Pattern]:
