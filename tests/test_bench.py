@@ -156,6 +156,72 @@ def test_cli_tiny_attention_run(tmp_path, capsys):
         assert r["check"] and all(c["ok"] for c in r["check"].values()), r
 
 
+@needs_ext
+def test_moe_cases_cover_the_brief():
+    from accel.bench import moe
+
+    if not moe.have_transformers():
+        pytest.skip("the moe benchmark's peers are transformers' experts implementations")
+    assert harness.OPS["moe"] == "accel.bench.moe"
+    full = moe.cases(harness.parse_args(["moe"]))
+    assert all((c.params["H"], c.params["I"], c.params["E"], c.params["k"]) == (1024, 2816, 8, 2) for c in full)
+    assert all(c.params["dtype"] == "float32" and c.params["device"] == "cpu" for c in full)
+    for mode in ("fwd", "fwd+bwd"):
+        assert [c.params["T"] for c in full if c.mode == mode] == [1, 4, 64, 512, 2048]
+    assert all({"eager", "grouped_mm"} <= set(c.peers) and c.check == ("eager",) for c in full)
+    # batched_mm: in the decode cases, skipped (with a note) where its weight gathers would not fit
+    assert all("batched_mm" in c.peers for c in full if c.params["T"] <= 4)
+    assert all("batched_mm" not in c.peers and "batched_mm skipped" in c.note for c in full if c.params["T"] >= 512)
+    assert {c.name for c in full if c.params["T"] == 1} == {"T1 (2/8 experts)"}
+    # forward cases report bandwidth against the machine's read bandwidth, over the routed experts' bytes
+    for c in full:
+        if c.mode == "fwd":
+            n = moe.routed_experts(c.params["T"], 1024, 8, 2)
+            assert c.bw_ref == harness.READ_BW and c.bw_bytes == n * 3 * 2816 * 1024 * 4
+        else:
+            assert c.bw_bytes is None
+    bf16 = moe.cases(harness.parse_args(["moe", "--dtype", "bf16"]))
+    assert [c.params["T"] for c in bf16 if c.mode == "fwd"] == [1, 4, 64, 512, 2048]
+    assert all(c.params["dtype"] == "bfloat16" for c in bf16)
+    quick = moe.cases(harness.parse_args(["moe", "--quick"]))
+    assert {c.params["T"] for c in quick} <= {1, 64, 512}
+    gpu = moe.cases(harness.parse_args(["moe", "--device", "cuda", "--dtype", "bf16"]))
+    assert {1, 8, 64, 512, 2048, 8192} <= {c.params["T"] for c in gpu}
+    assert all("batched_mm" not in c.peers for c in gpu if c.params["T"] >= 8192)
+
+
+def test_read_bandwidth_is_measured_once():
+    rb = harness.read_bandwidth("cpu")
+    assert rb["GBps"] > 0.1 and "sum" in rb["method"]
+    assert set(rb["by_method_GBps"]) == {"sum", "amax_rows", "bf16_sum_rows"}
+    assert harness.read_bandwidth("cpu") is rb
+
+
+@needs_ext
+def test_cli_tiny_moe_run(tmp_path, capsys):
+    from accel.bench import moe
+
+    if not moe.have_transformers():
+        pytest.skip("the moe benchmark's peers are transformers' experts implementations")
+    out = tmp_path / "m.json"
+    rc = harness.main(["moe", "--size", "tiny", "--no-mem", "--reps", "1", "--budget", "0", "--json", str(out)])
+    text = capsys.readouterr().out
+    assert rc == 0, text
+    assert "read bandwidth" in text and "% read" in text
+    data = json.loads(out.read_text())
+    assert data["machine"]["read_bandwidth"]["GBps"] > 0
+    res = data["results"]
+    assert len(res) == 6  # T 1, 5, 40 x fwd, fwd+bwd
+    for r in res:
+        assert set(r["peers"]) == {"eager", "batched_mm", "grouped_mm"}
+        assert all(v > 0 for v in r["ratios"].values())
+        assert r["check"] and all(c["ok"] for c in r["check"].values()), r
+        bw = r["bandwidth"]
+        assert (bw is not None) == (r["mode"] == "fwd")
+        if bw:
+            assert bw["fraction_of_read"] > 0 and bw["accel_bytes"] > 0
+
+
 # --------------------------------------------------------------------------- demo
 
 @needs_ext

@@ -47,6 +47,7 @@ import torch
 OPS: Dict[str, str] = {
     "conv": "accel.bench.conv",
     "attention": "accel.bench.attention",
+    "moe": "accel.bench.moe",
 }
 
 SIZES = ("tiny", "quick", "full")
@@ -103,6 +104,8 @@ class Case:
     tol: float = 1e-4
     # bandwidth: bytes an ideal baseline kernel reads + writes, and the bytes the aux impl
     # ``bw_ref`` (a copy) reads + writes; both None when bandwidth is not reported for the case.
+    # ``bw_ref=READ_BW`` instead compares with the machine's read bandwidth, measured once per run
+    # (:func:`read_bandwidth`; no aux impl, ``bw_ref_bytes`` unused): for kernels bound by reading.
     bw_bytes: Optional[int] = None
     bw_ref: Optional[str] = None
     bw_ref_bytes: Optional[int] = None
@@ -113,6 +116,58 @@ class Case:
     @property
     def impl_names(self) -> Tuple[str, ...]:
         return (self.baseline,) + tuple(self.peers) + tuple(self.aux)
+
+
+# --------------------------------------------------------------------------- read bandwidth
+
+READ_BW = "read"  # Case.bw_ref value: the machine's read bandwidth (see read_bandwidth)
+READ_BW_BYTES = 512 * MiB
+READ_BW_ROUNDS = 10
+_READ_BW: Dict[str, dict] = {}
+
+
+def read_bandwidth(device: str = "cpu") -> dict:
+    """The machine's achievable read bandwidth, measured once per process and device.
+
+    Read-only streams over a buffer far larger than the last-level cache (512 MiB on CPU, 2 GiB on
+    CUDA), three reductions that only read it: ``buf.sum()``, ``amax`` over rows of 64 Ki floats,
+    and a sum over rows of the same bytes viewed as bfloat16 (no single reduction reaches the
+    memory's speed everywhere: fp32 ``sum`` is compute-bound on a few cores). Each is timed for 10
+    rounds after a warm-up round; the fastest round of any gives the bandwidth (bytes / seconds).
+    The best, not the median: the yardstick is what the machine can do, which only makes a
+    kernel's fraction of it smaller.
+    """
+    key = "cuda" if device.startswith("cuda") else "cpu"
+    if key in _READ_BW:
+        return _READ_BW[key]
+    nbytes = READ_BW_BYTES if key == "cpu" else 4 * READ_BW_BYTES
+    n = nbytes // 4
+    buf = torch.ones(n, dtype=torch.float32, device=device)  # written once: every page is resident
+    rows, rows16 = buf.view(-1, 65536), buf.view(torch.bfloat16).view(-1, 131072)
+    methods = (("sum", lambda: buf.sum()), ("amax_rows", lambda: rows.amax(1)),
+               ("bf16_sum_rows", lambda: rows16.sum(1)))
+    best = {}
+    for name, fn in methods:
+        fn()
+        _sync(device)
+        ts = []
+        for _ in range(READ_BW_ROUNDS):
+            t0 = time.perf_counter()
+            fn()
+            _sync(device)
+            ts.append(time.perf_counter() - t0)
+        best[name] = nbytes / min(ts) / 1e9
+    del buf, rows, rows16
+    gbps = max(best.values())
+    res = {
+        "GBps": gbps,
+        "by_method_GBps": best,
+        "bytes": nbytes,
+        "method": (f"fastest of {READ_BW_ROUNDS} rounds of read-only reductions over a {nbytes // MiB} MiB buffer: "
+                   f"fp32 sum, fp32 row amax, bf16 row sum ({torch.get_num_threads()} threads)"),
+    }
+    _READ_BW[key] = res
+    return res
 
 
 # --------------------------------------------------------------------------- timing
@@ -432,7 +487,17 @@ def run_case(case: Case, args, meter: MemoryMeter) -> dict:
     base_ms = stats[case.baseline]["median"]
     ratios = {peer: stats[peer]["median"] / base_ms for peer in case.peers}
     bandwidth = None
-    if case.bw_bytes is not None and case.bw_ref is not None and case.bw_ref in stats:
+    if case.bw_bytes is not None and case.bw_ref == READ_BW:
+        accel_gbs = case.bw_bytes / (base_ms * 1e-3) / 1e9
+        rb = read_bandwidth(device)
+        bandwidth = {
+            "accel_GBps": accel_gbs,
+            "read_GBps": rb["GBps"],
+            "fraction_of_read": accel_gbs / rb["GBps"],
+            "accel_bytes": case.bw_bytes,
+            "method": "accel: bytes / median time; read: " + rb["method"],
+        }
+    elif case.bw_bytes is not None and case.bw_ref is not None and case.bw_ref in stats:
         accel_gbs = case.bw_bytes / (base_ms * 1e-3) / 1e9
         # the copy's best round: the machine's achievable copy bandwidth (a conservative yardstick:
         # it can only make accel's fraction smaller than a median would)
@@ -487,8 +552,13 @@ COLUMNS = [("case", 24), ("mode", 7), ("peer", 16), ("accel ms", 9), ("peer ms",
            ("peer/accel", 10), ("accel MiB", 9), ("peer MiB", 9), ("accel GB/s (% copy)", 19), ("check", 10)]
 
 
-def table_header(group: str, mem_method: str) -> str:
-    head = " | ".join(f"{name:<{w}}" if i < 3 else f"{name:>{w}}" for i, (name, w) in enumerate(COLUMNS))
+BW_LABEL_READ = "accel GB/s (% read)"
+
+
+def table_header(group: str, mem_method: str, bw_label: Optional[str] = None) -> str:
+    """The group's title and column names; ``bw_label`` renames the bandwidth column (e.g. % read)."""
+    cols = COLUMNS if bw_label is None else [(bw_label if n == COLUMNS[8][0] else n, w) for n, w in COLUMNS]
+    head = " | ".join(f"{name:<{w}}" if i < 3 else f"{name:>{w}}" for i, (name, w) in enumerate(cols))
     lines = [
         "",
         f"== {group} ==",
@@ -503,7 +573,8 @@ def table_rows(res: dict) -> List[str]:
     rows = []
     base = res["times_ms"][res["baseline"]]["median"]
     bw = res["bandwidth"]
-    bw_s = "-" if bw is None else f"{bw['accel_GBps']:.1f} ({100 * bw['fraction_of_copy']:.0f}%)"
+    frac = None if bw is None else bw.get("fraction_of_copy", bw.get("fraction_of_read"))
+    bw_s = "-" if bw is None else f"{bw['accel_GBps']:.1f} ({100 * frac:.0f}%)"
     for i, peer in enumerate(res["peers"]):
         c = res["check"].get(peer)
         chk = "-" if c is None else ("ok" if c["ok"] else f"DIFF {c['rel']:.1e}")
@@ -529,10 +600,17 @@ def summary_lines(results: List[dict]) -> List[str]:
         gm = math.exp(sum(math.log(x) for x in rs) / len(rs))
         lines.append(f"  {group:<34} {mode:<8} vs {peer:<16} {gm:6.2f}x   [{min(rs):.2f}x .. {max(rs):.2f}x]  "
                      f"({len(rs)} cases)")
-    bws = [r["bandwidth"]["fraction_of_copy"] for r in results if r.get("bandwidth")]
+    bws = [r["bandwidth"]["fraction_of_copy"] for r in results
+           if r.get("bandwidth") and "fraction_of_copy" in r["bandwidth"]]
     if bws:
         lines.append(f"  accel bandwidth (median time) / copy bandwidth (fastest copy_ round), depthwise fwd: median {100 * statistics.median(bws):.0f}%, "
                      f"min {100 * min(bws):.0f}%, max {100 * max(bws):.0f}%")
+    reads = [r for r in results if r.get("bandwidth") and "fraction_of_read" in r["bandwidth"]]
+    if reads:
+        rb = reads[0]["bandwidth"]["read_GBps"]
+        fractions = ", ".join(f"{r['case']} {r['mode']} {100 * r['bandwidth']['fraction_of_read']:.0f}%" for r in reads)
+        lines.append(f"  accel bandwidth (bytes it must read / median time) / the machine's read bandwidth "
+                     f"({rb:.1f} GB/s): {fractions}")
     capped = [r for r in results if r.get("rounds_capped")]
     if capped:
         lines.append(f"  {len(capped)} case(s) timed with fewer rounds because one round is slow (marked n=...)")
@@ -771,6 +849,11 @@ def main(argv=None) -> int:
     if busy_now is not None and busy_now > 0.1:
         print(f"WARNING: the machine is not idle: other processes are using {100 * busy_now:.0f}% of its CPU "
               f"time; competing for the cores distorts the timings")
+    if any(c.bw_ref == READ_BW and c.bw_bytes is not None for c in cases):
+        rb = read_bandwidth(args.device)
+        machine["read_bandwidth"] = rb
+        print(f"read bandwidth: {rb['GBps']:.1f} GB/s ({rb['method']})")
+    read_groups = {c.group for c in cases if c.bw_ref == READ_BW}
     meter = MemoryMeter(args.device, enabled=not args.no_mem)
     results: List[dict] = []
     _exit_on_sigterm()
@@ -781,7 +864,7 @@ def main(argv=None) -> int:
         for case in cases:
             if case.group != group:
                 group = case.group
-                print(table_header(group, meter.method), flush=True)
+                print(table_header(group, meter.method, BW_LABEL_READ if group in read_groups else None), flush=True)
             res = run_case(case, args, meter)
             res["rounds_capped"] = res["rounds"] < args.reps
             results.append(res)

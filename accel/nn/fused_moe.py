@@ -473,7 +473,7 @@ class FusedMoE(nn.Module):
         return _ops().fused_moe(hidden, self.experts.gate_up_proj, self.experts.down_proj,
                                 router_logits=router_logits, topk_weights=topk_weights, topk_ids=topk_ids,
                                 top_k=self.top_k, renormalize=self.renormalize, scoring=self.scoring,
-                                activation=self.activation)
+                                activation=self.activation, check_ids=False)  # ids from this module's router
 
     def extra_repr(self) -> str:
         s = (f"hidden_size={self.hidden_size}, intermediate_size={self.intermediate_size}, "

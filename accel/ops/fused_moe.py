@@ -76,6 +76,7 @@ def fused_moe(
     renormalize: bool = True,
     scoring: str = "softmax",
     activation: str = "silu",
+    check_ids: bool = True,
 ) -> Tensor:
     """``out[t] = sum_j w[t, j] * down_e(act(gate_e(x_t)) * up_e(x_t))`` with ``e = topk_ids[t, j]``.
 
@@ -89,6 +90,10 @@ def fused_moe(
         topk_weights, topk_ids: precomputed routing ``(T, k)`` instead of ``router_logits``;
             weights float32 or the hidden dtype, ids int64 or int32 in ``[0, E)``.
         activation: ``"silu"`` (default), ``"gelu"`` (erf), ``"relu"`` or ``"none"`` (bilinear).
+        check_ids: on CUDA, read the ids' range back to the host and raise for ids outside
+            ``[0, E)`` (the CPU kernel always checks). Costs a device sync per call; callers whose
+            ids come from a top-k over E experts pass False. Out-of-range ids never cause an
+            out-of-bounds access either way: the CUDA kernels drop them.
 
     Returns:
         ``(T, H)`` in the hidden dtype. Differentiable with respect to ``hidden``, both weights,
@@ -102,13 +107,17 @@ def fused_moe(
     if router_logits is not None:
         if topk_weights is not None or topk_ids is not None:
             raise ValueError(f"{_NAME}: pass either router_logits or topk_weights/topk_ids, not both")
+        _check_tensor("router_logits", router_logits, 2, "(T, E)")
+        if router_logits.shape[1] != gate_up_proj.shape[0]:
+            raise ValueError(f"{_NAME}: router_logits has {router_logits.shape[1]} expert columns but gate_up_proj "
+                             f"holds E = {gate_up_proj.shape[0]} experts; they must match")
         topk_weights, topk_ids = moe_route(router_logits, top_k, renormalize=renormalize, scoring=scoring)
     elif topk_weights is None or topk_ids is None:
         raise ValueError(f"{_NAME}: pass router_logits, or both topk_weights and topk_ids")
     else:
         _check_tensor("topk_weights", topk_weights, 2, "(T, k)")
         _check_tensor("topk_ids", topk_ids, 2, "(T, k)")
-        if topk_ids.is_cuda:
+        if topk_ids.is_cuda and check_ids:
             _check_ids_on_host(topk_ids, gate_up_proj.shape[0])
     save = torch.is_grad_enabled() and any(
         t.requires_grad for t in (hidden, gate_up_proj, down_proj, topk_weights))
@@ -135,6 +144,12 @@ def _route_bwd_fake(grad_weights, router_logits, topk_weights, topk_ids, renorma
 def _fwd_fake(hidden, gate_up_proj, down_proj, topk_weights, topk_ids, activation, save_cache):
     torch._check(hidden.dim() == 2 and gate_up_proj.dim() == 3 and down_proj.dim() == 3,
                  lambda: f"{_NAME}: hidden (T, H), gate_up_proj (E, 2I, H), down_proj (E, H, I)")
+    # also the meta kernel: a model whose weights were never materialised must not pass silently
+    for name, t in (("gate_up_proj", gate_up_proj), ("down_proj", down_proj), ("topk_weights", topk_weights),
+                    ("topk_ids", topk_ids)):
+        torch._check(t.device == hidden.device,
+                     lambda: f"{_NAME}: {name} is on {t.device} but hidden is on {hidden.device}; "
+                             "they must be on the same device")
     rows = hidden.shape[0] * topk_ids.shape[1] if save_cache else 0
     cache = hidden.new_empty((rows, gate_up_proj.shape[1]))
     return hidden.new_empty(hidden.shape), cache

@@ -133,7 +133,8 @@ def accel_experts_forward(self: nn.Module, hidden_states: Tensor, top_k_index: T
         x = hidden_states if hidden_states.dtype == dtype else hidden_states.to(dtype)  # autocast: as grouped_mm
         weights = top_k_weights if top_k_weights.dtype in (torch.float32, dtype) else top_k_weights.float()
         out = fused._ops().fused_moe(x, self.gate_up_proj, self.down_proj, topk_weights=weights,
-                                     topk_ids=top_k_index, activation=fused.activation_name(self.act_fn))
+                                     topk_ids=top_k_index, activation=fused.activation_name(self.act_fn),
+                                     check_ids=False)  # the model's router: a top-k over E experts
         return out if out.dtype == hidden_states.dtype else out.to(hidden_states.dtype)
     key = (type(self).__name__, reason)
     if key not in _warned:

@@ -1,0 +1,281 @@
+"""Fused MoE benchmark cases (``python -m accel.bench moe``).
+
+``accel.ops.fused_moe(hidden, gate_up_proj, down_proj, topk_weights=w, topk_ids=ids)`` against
+transformers' experts implementations on a Mixtral-shaped expert block (H 1024, I 2816, E 8, top-2):
+``MixtralExperts`` with ``config._experts_implementation`` set to
+
+* ``eager``: the per-expert Python loop (gather the expert's tokens, two ``F.linear``, ``index_add_``);
+* ``batched_mm``: one ``bmm`` per projection over a gathered weight copy per (token, slot);
+* ``grouped_mm``: tokens sorted by expert, ``torch.nn.functional.grouped_mm`` (or transformers'
+  fallback loop where that is unavailable).
+
+Every implementation gets the same weights and the same routing: the top-k of the softmax of a
+fixed random router (``x @ router.T``, computed in float32), renormalised as Mixtral's router does,
+float32 weights and int64 ids as transformers passes them. Modes: ``fwd`` (no grad) and ``fwd+bwd``
+(gradients of hidden, both weight tensors and topk_weights from a fixed ``grad_output``); the
+outputs/gradients of accel are checked against eager's.
+
+Bandwidth: decode is bound by reading the routed experts' weights. Forward cases report accel's
+GB/s over the bytes of the distinct experts the ids route to (``3 I H`` elements each) as a
+fraction of the machine's read bandwidth, measured once per run (:func:`harness.read_bandwidth`).
+So that a call does not find its weights in the last-level cache where the previous call (of any
+implementation) left them, forward cases whose routed weights are small cycle through a few
+identical copies of the expert weights, one per call, as successive layers of a model would.
+
+batched_mm gathers a ``(2I x H)`` and an ``(H x I)`` weight copy per (token, slot) (23 GB at T 512
+in fp32): it is skipped, with a note, where its estimated memory exceeds a cap (CPU: min(8 GiB, a
+third of RAM); CUDA: a third of the device memory), and in the quick preset beyond a few pairs.
+"""
+from __future__ import annotations
+
+import inspect
+import math
+from typing import Dict, List, Tuple
+
+import torch
+from torch import nn
+
+from accel.bench.harness import READ_BW, Case, Setup
+
+GiB = 1024 ** 3
+
+# (H, I, E, top-k) per preset: Mixtral-shaped, and a tiny one for the CLI test
+SHAPES = {"full": (1024, 2816, 8, 2), "quick": (1024, 2816, 8, 2), "tiny": (64, 96, 4, 2)}
+CPU_T = {"full": (1, 4, 64, 512, 2048), "quick": (1, 64, 512), "tiny": (1, 5, 40)}
+GPU_T = {"full": (1, 8, 64, 512, 2048, 8192), "quick": (1, 64, 512), "tiny": (1, 40)}
+QUICK_MAX_T_BWD_CPU = 64  # quick preset: fwd+bwd on CPU only up to this T (T 512 takes seconds per call)
+PEERS = ("eager", "batched_mm", "grouped_mm")
+FALLBACK_PEER = "reference loop"  # when transformers is not installed
+# quick preset: batched_mm only up to this many (token, slot) pairs (it takes seconds beyond)
+QUICK_BATCHED_MM_PAIRS = 16
+# forward cases cycle weight copies until the routed bytes of one cycle reach this (cold caches)
+COLD_BYTES = {"cpu": 256 * 1024 ** 2, "cuda": 512 * 1024 ** 2}
+MAX_COPIES = 8
+COPIES_MEMORY = {"cpu": 2 * GiB, "cuda": 8 * GiB}  # at most this much memory in weight copies
+
+
+def _elem(dtype: str) -> int:
+    return torch.empty((), dtype=getattr(torch, dtype)).element_size()
+
+
+def _tol(dtype: str, mode: str) -> float:
+    if dtype in ("bfloat16", "float16"):
+        return 5e-2  # eager rounds every intermediate (and its index_add_ accumulation) to bf16
+    if dtype == "float64":
+        return 1e-10
+    return 1e-4 if mode == "fwd" else 1e-3
+
+
+def have_transformers() -> bool:
+    try:
+        from transformers.models.mixtral.modeling_mixtral import MixtralExperts  # noqa: F401
+    except Exception:
+        return False
+    return True
+
+
+# --------------------------------------------------------------------------- routing, memory
+
+def routing(T: int, H: int, E: int, k: int, seed: int = 0) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``(hidden fp32 (T, H), topk_weights fp32 (T, k), topk_ids int64 (T, k))``, as Mixtral routes:
+    softmax over a fixed random router's float32 logits, top-k, renormalised to sum to 1."""
+    g = torch.Generator().manual_seed(seed)
+    router = torch.randn(E, H, generator=g) / math.sqrt(H)
+    x = torch.randn(T, H, generator=g)
+    probs = torch.softmax(x @ router.t(), dim=-1)
+    w, ids = torch.topk(probs, k, dim=-1)
+    w = w / w.sum(dim=-1, keepdim=True)
+    return x, w, ids
+
+
+def routed_experts(T: int, H: int, E: int, k: int, seed: int = 0) -> int:
+    """How many distinct experts the case's routing sends tokens to."""
+    return int(routing(T, H, E, k, seed)[2].unique().numel())
+
+
+def batched_mm_bytes(T: int, H: int, I: int, k: int, elem: int, mode: str) -> int:
+    """batched_mm's gathered weight copies: (2I x H) + (H x I) per (token, slot); backward keeps them
+    (bmm saves its inputs) and adds their gradients."""
+    fwd = T * k * 3 * I * H * elem
+    return fwd if mode == "fwd" else 2 * fwd
+
+
+def memory_cap(device: str) -> int:
+    """The largest estimated footprint a peer may have before it is skipped."""
+    if device.startswith("cuda"):
+        if torch.cuda.is_available():
+            return torch.cuda.get_device_properties(0).total_memory // 3
+        return 80 * GiB // 3  # listing GPU cases on a machine without one: assume an 80 GB GPU
+    total = None
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemTotal:"):
+                    total = int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return min(8 * GiB, total // 3) if total else 8 * GiB
+
+
+def weight_copies(touched_bytes: int, all_bytes: int, device: str, mode: str) -> int:
+    """Copies of the expert weights a forward case cycles through, one per call (cold caches)."""
+    if mode != "fwd" or touched_bytes <= 0:
+        return 1
+    key = "cuda" if device.startswith("cuda") else "cpu"
+    want = math.ceil(COLD_BYTES[key] / touched_bytes)
+    fit = max(1, COPIES_MEMORY[key] // max(all_bytes, 1))
+    return int(max(1, min(want, MAX_COPIES, fit)))
+
+
+# --------------------------------------------------------------------------- builder
+
+def _experts_module(impl: str, w1: nn.Parameter, w2: nn.Parameter, k: int) -> nn.Module:
+    """transformers' MixtralExperts running ``impl``, holding the given parameters (no copy)."""
+    from transformers import MixtralConfig
+    from transformers.models.mixtral.modeling_mixtral import MixtralExperts
+
+    E, I2, H = w1.shape
+    cfg = MixtralConfig(hidden_size=H, intermediate_size=I2 // 2, num_local_experts=E, num_experts_per_tok=k)
+    cfg._experts_implementation = impl
+    with torch.device("meta"):
+        m = MixtralExperts(cfg)
+    m.gate_up_proj = w1
+    m.down_proj = w2
+    return m
+
+
+def build_moe(*, T: int, H: int, I: int, E: int, k: int, mode: str, device: str, dtype: str,
+              peers: Tuple[str, ...] = PEERS, copies: int = 1, seed: int = 0) -> Setup:
+    from accel.ops.fused_moe import fused_moe
+
+    # the ids come from a top-k over the E experts: no host-side range check (a device sync on CUDA)
+    accel_kw = {"check_ids": False} if "check_ids" in inspect.signature(fused_moe).parameters else {}
+
+    dt = getattr(torch, dtype)
+    x, w, ids = routing(T, H, E, k, seed)
+    x = x.to(device=device, dtype=dt)
+    w, ids = w.to(device), ids.to(device)
+    g = torch.Generator(device=device).manual_seed(seed + 1)
+    grad = mode != "fwd"
+    w1 = (torch.randn(E, 2 * I, H, generator=g, device=device) / math.sqrt(H)).to(dt)
+    w2 = (torch.randn(E, H, I, generator=g, device=device) / math.sqrt(I)).to(dt)
+    # identical copies (a model's successive layers): every call reads weights no recent call has read
+    layers = [(nn.Parameter(w1, requires_grad=grad), nn.Parameter(w2, requires_grad=grad))]
+    layers += [(nn.Parameter(w1.clone(), requires_grad=grad), nn.Parameter(w2.clone(), requires_grad=grad))
+               for _ in range(copies - 1)]
+    del w1, w2
+    mods: Dict[str, list] = {}
+    for p in peers:
+        if p != FALLBACK_PEER:
+            mods[p] = [_experts_module(p, a, b, k) for a, b in layers]
+    counter = [0]
+
+    def next_layer() -> int:
+        i = counter[0]
+        counter[0] = (i + 1) % len(layers)
+        return i
+
+    def accel_fn():
+        a, b = layers[next_layer()]
+        return fused_moe(x, a, b, topk_weights=w, topk_ids=ids, **accel_kw)
+
+    def peer_fn(name):
+        if name == FALLBACK_PEER:
+            from accel.reference import fused_moe as loop
+
+            def run():
+                a, b = layers[next_layer()]
+                return loop(x, a, b, topk_weights=w, topk_ids=ids)
+            return run
+
+        def run():
+            return mods[name][next_layer()](x, ids, w)
+        return run
+
+    fns = {"accel": accel_fn}
+    fns.update({p: peer_fn(p) for p in peers})
+    if mode == "fwd":
+        return Setup({name: _no_grad(f) for name, f in fns.items()})
+
+    x.requires_grad_(True)
+    w.requires_grad_(True)
+    a, b = layers[0]
+    leaves = (x, a, b, w)
+    gy = torch.randn(T, H, generator=torch.Generator().manual_seed(seed + 2)).to(device=device, dtype=dt)
+
+    def reset():
+        for t in leaves:
+            t.grad = None
+
+    def fwd_bwd(f):
+        def run():
+            reset()
+            f().backward(gy)
+            return tuple(t.grad for t in leaves)
+        return run
+
+    return Setup({name: fwd_bwd(f) for name, f in fns.items()}, reset=reset)
+
+
+def _no_grad(f):
+    def run():
+        with torch.no_grad():
+            return f()
+    return run
+
+
+# --------------------------------------------------------------------------- cases
+
+def cases(args) -> List[Case]:
+    size, device, dtype = args.size, args.device, args.dtype
+    cuda = device.startswith("cuda")
+    H, I, E, k = SHAPES[size]
+    Ts = (GPU_T if cuda else CPU_T)[size]
+    elem = _elem(dtype)
+    expert_bytes = 3 * I * H * elem
+    cap = memory_cap(device)
+    tf = have_transformers()
+    all_peers = PEERS if tf else (FALLBACK_PEER,)
+    group = f"fused MoE vs transformers experts, {device} {dtype}, H{H} I{I} E{E} top-{k}"
+    base_note = ("peers: transformers' MixtralExperts with config._experts_implementation = eager | batched_mm | "
+                 "grouped_mm; same weights, same routing (Mixtral: softmax top-k of a fixed random router, "
+                 "renormalised; float32 weights); fwd+bwd: gradients of hidden, both weights and topk_weights; "
+                 "check: accel vs eager" if tf else
+                 "transformers is not installed: its experts implementations are unavailable, accel's reference "
+                 "per-expert loop (the same algorithm as transformers' eager experts) stands in")
+    base_note += ("; accel GB/s (fwd) = bytes of the routed experts' weights (3 I H elements per distinct expert "
+                  "in the ids) / median time, % = of the machine's read bandwidth (see the header); forward cases "
+                  "with few routed bytes cycle identical weight copies, one per call, so that no call finds its "
+                  "weights in cache")
+    out: List[Case] = []
+    for mode in ("fwd", "fwd+bwd"):
+        for T in Ts:
+            if mode != "fwd" and size == "quick" and not cuda and T > QUICK_MAX_T_BWD_CPU:
+                continue
+            n = routed_experts(T, H, E, k)
+            notes = []
+            peers = list(all_peers)
+            if "batched_mm" in peers:
+                est = batched_mm_bytes(T, H, I, k, elem, mode)
+                if est > cap:
+                    peers.remove("batched_mm")
+                    notes.append(f"batched_mm skipped: it gathers a weight copy per (token, slot), "
+                                 f"~{est / GiB:.1f} GiB > the cap {cap / GiB:.1f} GiB")
+                elif size == "quick" and T * k > QUICK_BATCHED_MM_PAIRS:
+                    peers.remove("batched_mm")
+                    notes.append(f"batched_mm skipped in the quick preset beyond {QUICK_BATCHED_MM_PAIRS} "
+                                 f"(token, slot) pairs (seconds per call)")
+            copies = weight_copies(n * expert_bytes, E * expert_bytes, device, mode)
+            if copies > 1:
+                notes.append(f"{copies} weight copies cycled")
+            params = dict(T=T, H=H, I=I, E=E, k=k, mode=mode, device=device, dtype=dtype, peers=tuple(peers),
+                          copies=copies)
+            check = ("eager",) if "eager" in peers else ((FALLBACK_PEER,) if FALLBACK_PEER in peers else ())
+            out.append(Case(
+                op="moe", group=group, name=f"T{T} ({n}/{E} experts)", mode=mode, builder=build_moe,
+                params=params, peers=tuple(peers), check=check, tol=_tol(dtype, mode),
+                bw_bytes=n * expert_bytes if mode == "fwd" else None, bw_ref=READ_BW if mode == "fwd" else None,
+                warm_params=dict(params, T=min(T, 4), copies=1),
+                note="; ".join(([] if out else [base_note]) + notes),
+            ))
+    return out
