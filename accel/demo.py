@@ -1,11 +1,16 @@
-"""One-line patching demo: ``python -m accel.demo [--quick] [--model tcn|attention|both]``.
+"""One-line patching demo: ``python -m accel.demo [--quick] [--model tcn|attention|moe|both|all]``.
 
-Two small language models written in plain PyTorch:
+Three small language models:
 
 * ``tcn``: a causal TCN out of ``nn.Conv1d`` layers (each block: depthwise causal dilated conv
   written the usual way, ``padding=(K-1)*d`` then chomp, + GELU + pointwise 1x1 conv, residual);
 * ``attention``: a pre-norm transformer whose attention is the eager sigmoid attention module
-  ``accel.reference.SigmoidMultiheadAttention`` (causal), with GELU MLPs.
+  ``accel.reference.SigmoidMultiheadAttention`` (causal), with GELU MLPs;
+* ``moe``: a transformers ``MixtralForCausalLM`` with random weights built from a config (needs
+  transformers and the accel-transformers plugin; skipped with a message otherwise), whose sparse
+  MoE blocks ``accel.patch`` replaces by ``accel.nn.FusedMoE``.
+
+``both`` is tcn and attention (plain PyTorch only); ``all`` (the default) adds moe.
 
 For each: run it, call ``accel.patch(model)``, check the output and gradients did not change,
 time the original against the patched model (interleaved medians, forward and
@@ -93,6 +98,35 @@ class SigmoidTransformerLM(nn.Module):
         return self.head(self.norm(self.blocks(self.embed(tokens))))
 
 
+class HFLogits(nn.Module):
+    """A transformers causal LM as ``tokens -> logits`` (the demo's calling convention)."""
+
+    def __init__(self, lm: nn.Module):
+        super().__init__()
+        self.lm = lm
+
+    def forward(self, tokens):  # (B, L) int64 -> (B, L, vocab) logits
+        return self.lm(input_ids=tokens, use_cache=False).logits
+
+
+def build_mixtral(hidden: int, layers: int) -> Optional[nn.Module]:
+    """A random-weight Mixtral LM (8 experts, top-2, eager experts), or None without transformers/the plugin."""
+    try:
+        from transformers import MixtralConfig, MixtralForCausalLM
+
+        import accel_transformers  # noqa: F401  (the plugin that knows transformers' MoE blocks)
+    except ImportError as e:
+        print(f"\n== Mixtral MoE: skipped ({e}); bash scripts/setup.sh installs transformers and the plugin")
+        return None
+    cfg = MixtralConfig(vocab_size=256, hidden_size=hidden, intermediate_size=hidden * 11 // 4,
+                        num_hidden_layers=layers, num_attention_heads=max(1, hidden // 64),
+                        num_key_value_heads=max(1, hidden // 128), num_local_experts=8, num_experts_per_tok=2,
+                        max_position_embeddings=8192, tie_word_embeddings=False)
+    cfg._attn_implementation = "sdpa"
+    cfg._experts_implementation = "eager"
+    return HFLogits(MixtralForCausalLM(cfg).eval())
+
+
 def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
     a, b = a.detach().double(), b.detach().double()
     scale = a.abs().max().item()
@@ -116,11 +150,15 @@ def parse_args(argv=None):
     p.add_argument("--reps", type=int, default=None, help="timed rounds (default 5; quick 3)")
     p.add_argument("--no-timing", action="store_true", help="only the correctness and unpatch checks")
     p.add_argument("--threads", type=int, default=None, help="torch.set_num_threads")
-    p.add_argument("--model", choices=("tcn", "attention", "both"), default="both", help="which model(s) (default both)")
+    p.add_argument("--model", choices=("tcn", "attention", "moe", "both", "all"), default="all",
+                   help="which model(s): both = tcn + attention, all (default) adds moe")
     p.add_argument("--attn-dim", type=int, default=None, help="transformer width (default 256; quick 64)")
     p.add_argument("--attn-heads", type=int, default=4, help="attention heads (default 4)")
     p.add_argument("--attn-layers", type=int, default=None, help="transformer blocks (default 4; quick 2)")
     p.add_argument("--attn-length", type=int, default=None, help="transformer input length (default 2048; quick 512)")
+    p.add_argument("--moe-hidden", type=int, default=None, help="Mixtral hidden size (default 512; quick 64)")
+    p.add_argument("--moe-layers", type=int, default=None, help="Mixtral layers (default 2; quick 1)")
+    p.add_argument("--moe-length", type=int, default=None, help="Mixtral input length (default 512; quick 64)")
     args = p.parse_args(argv)
     args.channels = args.channels or (64 if args.quick else 256)
     args.length = args.length or (2048 if args.quick else 16384)
@@ -129,6 +167,9 @@ def parse_args(argv=None):
     args.attn_dim = args.attn_dim or (64 if args.quick else 256)
     args.attn_layers = args.attn_layers or (2 if args.quick else 4)
     args.attn_length = args.attn_length or (512 if args.quick else 2048)
+    args.moe_hidden = args.moe_hidden or (64 if args.quick else 512)
+    args.moe_layers = args.moe_layers or (1 if args.quick else 2)
+    args.moe_length = args.moe_length or (64 if args.quick else 512)
     return args
 
 
@@ -137,17 +178,24 @@ def run(args) -> dict:
     if args.threads:
         torch.set_num_threads(args.threads)
     results = {}
-    if args.model in ("tcn", "both"):
+    if args.model in ("tcn", "both", "all"):
         torch.manual_seed(0)
         model = TCNLanguageModel(channels=args.channels, blocks=args.blocks, kernel_size=args.kernel_size)
         tokens = torch.randint(0, 256, (1, args.length))
         results["tcn"] = run_model("TCN language model", model, tokens, torch.randn(1, 256, args.length), args)
-    if args.model in ("attention", "both"):
+    if args.model in ("attention", "both", "all"):
         torch.manual_seed(0)
         model = SigmoidTransformerLM(dim=args.attn_dim, heads=args.attn_heads, layers=args.attn_layers)
         tokens = torch.randint(0, 256, (1, args.attn_length))
         results["attention"] = run_model("sigmoid-attention transformer", model, tokens,
                                          torch.randn(1, args.attn_length, 256), args)
+    if args.model in ("moe", "all"):
+        torch.manual_seed(0)
+        model = build_mixtral(args.moe_hidden, args.moe_layers)
+        if model is not None:
+            tokens = torch.randint(0, 256, (1, args.moe_length))
+            results["moe"] = run_model("Mixtral MoE (transformers, eager experts)", model, tokens,
+                                       torch.randn(1, args.moe_length, 256), args)
     ok = all(r["ok"] for r in results.values())
     if len(results) > 1:
         print("\n== summary")

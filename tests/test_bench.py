@@ -229,13 +229,19 @@ def test_demo_tiny(capsys):
     from accel import demo
 
     res = demo.run(demo.parse_args(["--channels", "8", "--length", "300", "--blocks", "3", "--reps", "1",
-                                    "--attn-dim", "32", "--attn-layers", "2", "--attn-length", "70"]))
+                                    "--attn-dim", "32", "--attn-layers", "2", "--attn-length", "70",
+                                    "--moe-hidden", "32", "--moe-layers", "2", "--moe-length", "33"]))
     text = capsys.readouterr().out
     assert res["ok"], res
     tcn, attn = res["models"]["tcn"], res["models"]["attention"]
     assert tcn["replaced"] == 3 and tcn["restored"]
     assert attn["replaced"] == 2 and attn["restored"]  # the two eager sigmoid attention modules
-    for r in (tcn, attn):
+    checked = [tcn, attn]
+    if "moe" in res["models"]:  # needs transformers and the accel-transformers plugin
+        moe = res["models"]["moe"]
+        assert moe["replaced"] == 2 and moe["restored"]  # one sparse MoE block per layer
+        checked.append(moe)
+    for r in checked:
         assert r["output_rel_diff"] <= demo.OUT_TOL and r["grad_rel_diff"] <= demo.GRAD_TOL
         assert set(r["timings"]) == {"forward", "fwd+bwd"}
     assert "demo OK" in text and "speed-up" in text and "summary" in text

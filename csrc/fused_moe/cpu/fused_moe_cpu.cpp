@@ -67,6 +67,16 @@ constexpr int64_t kStreamRows = 32;  // weight rows per streaming task
 constexpr int64_t kTileN = 32;       // output features per GEMM tile (A rows)
 constexpr int64_t kTileT = 64;       // tokens per GEMM tile (B columns)
 
+// C (rows x nt, ld kTileT) = A (rows x K, lda) B (K x nt, ld kTileT), over K in chunks so that the
+// B block a chunk streams (kc x kTileT floats) stays in L2 while every row block of A passes over it.
+inline void tile_gemm(int64_t rows, int64_t nt, int64_t K, int64_t lda, const float* A, const float* B, float* C) {
+  static const int64_t kc = env_int("ACCEL_MOE_GEMM_KC", 512);
+  for (int64_t k0 = 0; k0 < K; k0 += kc) {
+    const int64_t kk = std::min(kc, K - k0);
+    at::native::cpublas::brgemm(rows, nt, kk, lda, kTileT, kTileT, k0 > 0, A + k0, B + k0 * kTileT, C, false);
+  }
+}
+
 // Runs fn(i) for i in [0, n) on the intra-op threads, each thread taking the next index.
 template <typename F>
 void parallel_tasks(int64_t n, const F& fn) {
@@ -181,6 +191,10 @@ void dot_rows(const T* w, int64_t K, int64_t r0, int64_t r1, const acc_t* x, acc
 }
 
 #ifdef ACCEL_HAVE_AVX512_TARGET
+// GCC 12 flags the _mm512_undefined_*() pass-through inside its own unmasked intrinsics
+#pragma GCC diagnostic push
+#pragma GCC diagnostic ignored "-Wmaybe-uninitialized"
+
 // dot_rows with AVX-512 for float and bf16 weights (bf16 widened by a shift): 16 lanes, two
 // accumulators per token, masked tails. The decode path is bound by reading the weights; this
 // halves the instructions per byte of the AVX2 loop, which matters for bf16.
@@ -220,7 +234,72 @@ ACCEL_AVX512_TARGET void dot_rows_avx512(const T* w, int64_t K, int64_t r0, int6
     for (int t = 0; t < NT; ++t) res[t * ld_res + (r - r0)] = _mm512_reduce_add_ps(_mm512_add_ps(a0[t], a1[t]));
   }
 }
+
+// bf16 weights and bf16 activations with AVX512-BF16: vdpbf16ps multiplies 32 bf16 pairs into 16
+// fp32 lanes, so a weight row is consumed straight from memory (no widening), one instruction per
+// 32 weights and token. Activations: token t's row at x[t] (bf16; the hidden row itself for the
+// up projection, h rounded to bf16 for the down projection, as the eager bf16 loop rounds it).
+#define ACCEL_AVX512BF16_TARGET __attribute__((target("avx512f,avx512dq,avx512vl,avx512bw,avx512bf16")))
+
+bool cpu_has_avx512_bf16() {
+  static const bool yes = [] {
+    if (!cpu::cpu_has_avx512()) return false;
+    const char* isa = std::getenv("ACCEL_CPU_ISA");
+    if (isa && std::string(isa) == "avx512") return false;  // AVX-512 without the BF16 extension
+    return static_cast<bool>(__builtin_cpu_supports("avx512bf16"));
+  }();
+  return yes;
+}
+
+template <int NT>
+ACCEL_AVX512BF16_TARGET void dot_rows_bf16dp(const c10::BFloat16* w, int64_t K, int64_t r0, int64_t r1,
+                                             const c10::BFloat16* const* x, float* res, int64_t ld_res) {
+  const int64_t k2 = K - K % 64;
+  for (int64_t r = r0; r < r1; ++r) {
+    const c10::BFloat16* row = w + r * K;
+    __m512 a0[NT], a1[NT];
+    for (int t = 0; t < NT; ++t) a0[t] = a1[t] = _mm512_setzero_ps();
+    int64_t k = 0;
+    for (; k < k2; k += 64) {
+      const __m512bh w0 = (__m512bh)_mm512_loadu_si512(row + k), w1 = (__m512bh)_mm512_loadu_si512(row + k + 32);
+      for (int t = 0; t < NT; ++t) {
+        a0[t] = _mm512_dpbf16_ps(a0[t], w0, (__m512bh)_mm512_loadu_si512(x[t] + k));
+        a1[t] = _mm512_dpbf16_ps(a1[t], w1, (__m512bh)_mm512_loadu_si512(x[t] + k + 32));
+      }
+    }
+    for (; k < K; k += 32) {
+      const int64_t left = K - k;
+      const __mmask32 m = left >= 32 ? ~__mmask32(0) : static_cast<__mmask32>((1u << left) - 1u);
+      const __m512bh w0 = (__m512bh)_mm512_maskz_loadu_epi16(m, row + k);
+      for (int t = 0; t < NT; ++t) a0[t] = _mm512_dpbf16_ps(a0[t], w0, (__m512bh)_mm512_maskz_loadu_epi16(m, x[t] + k));
+    }
+    for (int t = 0; t < NT; ++t) res[t * ld_res + (r - r0)] = _mm512_reduce_add_ps(_mm512_add_ps(a0[t], a1[t]));
+  }
+}
+
+// dot_rows_bf16dp over n tokens, in register blocks of up to 4.
+void dot_rows_bf16dp_n(const c10::BFloat16* w, int64_t K, int64_t r0, int64_t r1, const c10::BFloat16* const* x,
+                       int64_t n, float* res, int64_t ld_res) {
+  for (int64_t t0 = 0; t0 < n; t0 += 4) {
+    switch (std::min<int64_t>(4, n - t0)) {
+      case 4: dot_rows_bf16dp<4>(w, K, r0, r1, x + t0, res + t0 * ld_res, ld_res); break;
+      case 3: dot_rows_bf16dp<3>(w, K, r0, r1, x + t0, res + t0 * ld_res, ld_res); break;
+      case 2: dot_rows_bf16dp<2>(w, K, r0, r1, x + t0, res + t0 * ld_res, ld_res); break;
+      default: dot_rows_bf16dp<1>(w, K, r0, r1, x + t0, res + t0 * ld_res, ld_res); break;
+    }
+  }
+}
+#pragma GCC diagnostic pop
 #endif
+
+// Whether the streaming tasks of this call take the AVX512-BF16 dot products (bf16 inputs only).
+template <typename T>
+bool use_bf16dp() {
+#ifdef ACCEL_HAVE_AVX512_TARGET
+  if constexpr (std::is_same_v<T, c10::BFloat16>) return cpu_has_avx512_bf16();
+#endif
+  return false;
+}
 
 // dot_rows over n tokens (any n), in register blocks of up to 4.
 template <typename T, typename acc_t>
@@ -301,6 +380,8 @@ struct ForwardCtx {
   std::vector<int64_t> xoff, hoff;  // per expert: offsets into xbuf / hbuf (elements)
   std::vector<acc_t> xbuf;    // streaming: (n, H) rows; GEMM: (H x kTileT) blocks of X^T
   std::vector<acc_t> hbuf;    // streaming: (n, I) rows; GEMM: (I x kTileT) blocks of H^T
+  std::vector<T> hlow;        // bf16 dot-product path: the streaming experts' h rows in T
+  bool bf16dp = false;
   acc_t* ypair = nullptr;     // (T k, H): routing weight x expert output, per pair
 
   acc_t weight(int64_t p) const { return wf ? static_cast<acc_t>(wf[p]) : static_cast<acc_t>(wt[p]); }
@@ -339,6 +420,21 @@ void stream_up_task(ForwardCtx<T>& c, int64_t e, int64_t j0, int64_t j1) {
   acc_t gv[4 * kStreamRows], uv[4 * kStreamRows], hv[4 * kStreamRows];
   for (int64_t t0 = 0; t0 < n; t0 += 4) {
     const int64_t nt = std::min<int64_t>(4, n - t0);
+#ifdef ACCEL_HAVE_AVX512_TARGET
+    if constexpr (std::is_same_v<T, c10::BFloat16>) {
+      if (c.bf16dp) {
+        const c10::BFloat16* xs[4];
+        for (int64_t t = 0; t < nt; ++t) xs[t] = c.x + c.token(s0 + t0 + t) * H;
+        dot_rows_bf16dp_n(w, H, j0, j1, xs, nt, gv, kStreamRows);
+        dot_rows_bf16dp_n(w, H, I + j0, I + j1, xs, nt, uv, kStreamRows);
+        up_epilogue<T, acc_t>(c, s0 + t0, nt, j0, rows, gv, uv, hv, kStreamRows, 1);
+        for (int64_t t = 0; t < nt; ++t) {
+          cpu::convert_n(hv + t * kStreamRows, c.hlow.data() + c.hoff[e] + (t0 + t) * I + j0, rows);
+        }
+        continue;
+      }
+    }
+#endif
     const acc_t* x = c.xbuf.data() + c.xoff[e] + t0 * H;
     dot_rows_n<T, acc_t>(w, H, j0, j1, x, nt, gv, kStreamRows);
     dot_rows_n<T, acc_t>(w, H, I + j0, I + j1, x, nt, uv, kStreamRows);
@@ -357,7 +453,20 @@ void stream_down_task(ForwardCtx<T>& c, int64_t e, int64_t h0, int64_t h1) {
   acc_t yv[4 * kStreamRows];
   for (int64_t t0 = 0; t0 < n; t0 += 4) {
     const int64_t nt = std::min<int64_t>(4, n - t0);
-    dot_rows_n<T, acc_t>(w, I, h0, h1, c.hbuf.data() + c.hoff[e] + t0 * I, nt, yv, kStreamRows);
+#ifdef ACCEL_HAVE_AVX512_TARGET
+    if constexpr (std::is_same_v<T, c10::BFloat16>) {
+      if (c.bf16dp) {
+        const c10::BFloat16* hs[4];
+        for (int64_t t = 0; t < nt; ++t) hs[t] = c.hlow.data() + c.hoff[e] + (t0 + t) * I;
+        dot_rows_bf16dp_n(w, I, h0, h1, hs, nt, yv, kStreamRows);
+      } else {
+        dot_rows_n<T, acc_t>(w, I, h0, h1, c.hbuf.data() + c.hoff[e] + t0 * I, nt, yv, kStreamRows);
+      }
+    } else
+#endif
+    {
+      dot_rows_n<T, acc_t>(w, I, h0, h1, c.hbuf.data() + c.hoff[e] + t0 * I, nt, yv, kStreamRows);
+    }
     for (int64_t t = 0; t < nt; ++t) {
       const int64_t p = c.r.order[s0 + t0 + t];
       scale_n<acc_t>(yv + t * kStreamRows, c.weight(p), c.ypair + p * H + h0, h1 - h0);
@@ -374,8 +483,8 @@ void gemm_up_task(ForwardCtx<float>& c, int64_t e, int64_t j0, int64_t j1) {
   for (int64_t tb = 0; tb * kTileT < n; ++tb) {
     const int64_t nt = std::min<int64_t>(kTileT, n - tb * kTileT);
     const float* xt = c.xbuf.data() + c.xoff[e] + tb * H * kTileT;
-    at::native::cpublas::brgemm(rows, nt, H, H, kTileT, kTileT, false, w + j0 * H, xt, cg, false);
-    at::native::cpublas::brgemm(rows, nt, H, H, kTileT, kTileT, false, w + (I + j0) * H, xt, cu, false);
+    tile_gemm(rows, nt, H, H, w + j0 * H, xt, cg);
+    tile_gemm(rows, nt, H, H, w + (I + j0) * H, xt, cu);
     // C tiles are (features x tokens), as is the h^T block of this token tile (I x kTileT)
     float* ht = c.hbuf.data() + c.hoff[e] + tb * I * kTileT + j0 * kTileT;
     up_epilogue<float, float>(c, s0 + tb * kTileT, nt, j0, rows, cg, cu, ht, 1, kTileT);
@@ -390,7 +499,7 @@ void gemm_down_task(ForwardCtx<float>& c, int64_t e, int64_t h0, int64_t h1) {
   for (int64_t tb = 0; tb * kTileT < n; ++tb) {
     const int64_t nt = std::min<int64_t>(kTileT, n - tb * kTileT);
     const float* ht = c.hbuf.data() + c.hoff[e] + tb * I * kTileT;
-    at::native::cpublas::brgemm(rows, nt, I, I, kTileT, kTileT, false, w + h0 * I, ht, cy, false);
+    tile_gemm(rows, nt, I, I, w + h0 * I, ht, cy);
     for (int64_t t = 0; t < nt; ++t) {
       const int64_t p = c.r.order[s0 + tb * kTileT + t];
       const float wp = c.weight(p);
@@ -484,8 +593,13 @@ std::tuple<at::Tensor, at::Tensor> forward_impl(const at::Tensor& hidden, const 
     xsize += cap * H;
     hsize += cap * I;
   }
-  c.xbuf.resize(xsize);
-  c.hbuf.resize(hsize);
+  c.bf16dp = use_bf16dp<T>();
+  if (c.bf16dp) {
+    c.hlow.resize(hsize);  // streaming experts read x in place and h from here
+  } else {
+    c.xbuf.resize(xsize);
+    c.hbuf.resize(hsize);
+  }
 
   // phase 0: gather the tokens (widened to acc_t): rows for streaming, X^T blocks for GEMMs
   struct Task {
@@ -497,7 +611,7 @@ std::tuple<at::Tensor, at::Tensor> forward_impl(const at::Tensor& hidden, const 
     if (n == 0 || (c.gemm[e] && kAten)) continue;
     if (c.gemm[e]) {
       for (int64_t tb = 0; tb * kTileT < n; ++tb) tasks.push_back({e, tb, 0});
-    } else {
+    } else if (!c.bf16dp) {
       tasks.push_back({e, 0, n});
     }
   }
