@@ -24,7 +24,7 @@ import torch
 import torch.nn.functional as F
 
 import accel.ops as ops
-from accel.bench.harness import Case, Setup
+from accel.bench.harness import Case, Setup, backward_setup, no_grad_setup
 
 # (B, H, D, lengths) per preset and device
 CPU_SHAPES = {"full": (1, 8, (64,), (2048, 8192)), "quick": (1, 8, (64,), (1024,)), "tiny": (1, 2, (32,), (128,))}
@@ -88,31 +88,12 @@ def build_attention(*, B: int, H: int, L: int, D: int, causal: bool, mode: str, 
     if eager_inplace and mode == "fwd":
         fns["eager sigmoid (in-place)"] = lambda: eager_sigmoid_inplace(q, k, v, scale, bias, causal)
     if mode == "fwd":
-        return Setup({name: _no_grad(f) for name, f in fns.items()})
+        return no_grad_setup(fns)
 
     for t in (q, k, v):
         t.requires_grad_(True)
     gy = torch.randn(B, H, L, D, generator=g).to(device=device, dtype=dt)
-
-    def reset():
-        for t in (q, k, v):
-            t.grad = None
-
-    def fwd_bwd(f):
-        def run():
-            reset()
-            f().backward(gy)
-            return q.grad, k.grad, v.grad
-        return run
-
-    return Setup({name: fwd_bwd(f) for name, f in fns.items()}, reset=reset)
-
-
-def _no_grad(f):
-    def run():
-        with torch.no_grad():
-            return f()
-    return run
+    return backward_setup(fns, (q, k, v), gy)
 
 
 def cases(args) -> List[Case]:

@@ -23,7 +23,7 @@ import torch.nn.functional as F
 from torch import nn
 
 import accel.ops as ops
-from accel.bench.harness import Case, Setup
+from accel.bench.harness import Case, Setup, backward_setup, no_grad_setup
 from accel.nn import TCN
 
 KS = {"full": (3, 5, 7), "quick": (3, 7), "tiny": (3,)}
@@ -92,23 +92,10 @@ def build_conv(*, B: int, C: int, L: int, K: int, d: int, groups: int, mode: str
 
     x.requires_grad_(True)
     gy = torch.randn(B, C, L, generator=g).to(device=device, dtype=dt)
-    leaves = (x, w, b)
-
-    def reset():
-        for t in leaves:
-            t.grad = None
-
-    def fwd_bwd(f):
-        def run():
-            reset()
-            f().backward(gy)
-            return tuple(t.grad for t in leaves)
-        return run
-
-    impls = {"accel": fwd_bwd(accel_fwd), "nn.Conv1d": fwd_bwd(peer_fwd)}
+    impls = {"accel": accel_fwd, "nn.Conv1d": peer_fwd}
     if extra_peers:
-        impls["F.pad+conv1d"] = fwd_bwd(pad_fwd)
-    return Setup(impls, reset=reset)
+        impls["F.pad+conv1d"] = pad_fwd
+    return backward_setup(impls, (x, w, b), gy)
 
 
 def build_tcn_fft(*, B: int, C: int, L: int, K: int, mode: str, device: str, dtype: str, seed: int = 0) -> Setup:

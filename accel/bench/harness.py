@@ -80,6 +80,33 @@ class Setup:
     reset: Optional[Callable[[], None]] = None
 
 
+def no_grad_setup(fns: Dict[str, Callable[[], object]]) -> Setup:
+    """A forward :class:`Setup`: each callable runs under ``torch.no_grad()``."""
+    def wrap(f):
+        def run():
+            with torch.no_grad():
+                return f()
+        return run
+    return Setup({name: wrap(f) for name, f in fns.items()})
+
+
+def backward_setup(fns: Dict[str, Callable[[], torch.Tensor]], leaves: Sequence[torch.Tensor],
+                   grad_out: torch.Tensor) -> Setup:
+    """A forward+backward :class:`Setup`: each callable's output is backpropagated with
+    ``grad_out``; the callable returns the gradients of ``leaves`` (which ``reset`` clears)."""
+    def reset():
+        for t in leaves:
+            t.grad = None
+
+    def wrap(f):
+        def run():
+            reset()
+            f().backward(grad_out)
+            return tuple(t.grad for t in leaves)
+        return run
+    return Setup({name: wrap(f) for name, f in fns.items()}, reset=reset)
+
+
 @dataclass
 class Case:
     """One benchmark case: accel (``baseline``) against each of ``peers``.

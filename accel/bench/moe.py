@@ -35,7 +35,7 @@ from typing import Dict, List, Tuple
 import torch
 from torch import nn
 
-from accel.bench.harness import READ_BW, Case, Setup
+from accel.bench.harness import READ_BW, Case, Setup, backward_setup, no_grad_setup
 
 GiB = 1024 ** 3
 
@@ -195,33 +195,14 @@ def build_moe(*, T: int, H: int, I: int, E: int, k: int, mode: str, device: str,
     fns = {"accel": accel_fn}
     fns.update({p: peer_fn(p) for p in peers})
     if mode == "fwd":
-        return Setup({name: _no_grad(f) for name, f in fns.items()})
+        return no_grad_setup(fns)
 
     x.requires_grad_(True)
     w.requires_grad_(True)
     a, b = layers[0]
     leaves = (x, a, b, w)
     gy = torch.randn(T, H, generator=torch.Generator().manual_seed(seed + 2)).to(device=device, dtype=dt)
-
-    def reset():
-        for t in leaves:
-            t.grad = None
-
-    def fwd_bwd(f):
-        def run():
-            reset()
-            f().backward(gy)
-            return tuple(t.grad for t in leaves)
-        return run
-
-    return Setup({name: fwd_bwd(f) for name, f in fns.items()}, reset=reset)
-
-
-def _no_grad(f):
-    def run():
-        with torch.no_grad():
-            return f()
-    return run
+    return backward_setup(fns, leaves, gy)
 
 
 # --------------------------------------------------------------------------- cases
