@@ -80,6 +80,18 @@ class Setup:
     reset: Optional[Callable[[], None]] = None
 
 
+def mem_total_bytes() -> Optional[int]:
+    """The machine's RAM (``MemTotal`` of /proc/meminfo) in bytes, or None where it cannot be read."""
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemTotal:"):
+                    return int(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        pass
+    return None
+
+
 def no_grad_setup(fns: Dict[str, Callable[[], object]]) -> Setup:
     """A forward :class:`Setup`: each callable runs under ``torch.no_grad()``."""
     def wrap(f):
@@ -658,14 +670,7 @@ def machine_info(device: str) -> dict:
                     flags = line.split(":", 1)[1].split()
     except OSError:
         cpu_model = platform.processor() or None
-    mem_total = None
-    try:
-        with open("/proc/meminfo") as f:
-            for line in f:
-                if line.startswith("MemTotal:"):
-                    mem_total = int(line.split()[1]) * 1024
-    except OSError:
-        pass
+    mem_total = mem_total_bytes()
     try:
         affinity = len(os.sched_getaffinity(0))
     except AttributeError:

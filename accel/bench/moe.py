@@ -35,7 +35,7 @@ from typing import Dict, List, Tuple
 import torch
 from torch import nn
 
-from accel.bench.harness import READ_BW, Case, Setup, backward_setup, no_grad_setup
+from accel.bench.harness import READ_BW, Case, Setup, backward_setup, mem_total_bytes, no_grad_setup
 
 GiB = 1024 ** 3
 
@@ -106,14 +106,7 @@ def memory_cap(device: str) -> int:
         if torch.cuda.is_available():
             return torch.cuda.get_device_properties(0).total_memory // 3
         return 80 * GiB // 3  # listing GPU cases on a machine without one: assume an 80 GB GPU
-    total = None
-    try:
-        with open("/proc/meminfo") as f:
-            for line in f:
-                if line.startswith("MemTotal:"):
-                    total = int(line.split()[1]) * 1024
-    except OSError:
-        pass
+    total = mem_total_bytes()
     return min(8 * GiB, total // 3) if total else 8 * GiB
 
 

@@ -42,6 +42,7 @@
 #include "common/checks.h"
 #include "common/cpu_isa.h"
 #include "common/cpu_vec.h"
+#include "common/env.h"
 #include "fused_moe/fused_moe.h"
 
 namespace accel::fused_moe {
@@ -51,12 +52,6 @@ using at::vec::Vectorized;
 using Vec = Vectorized<float>;
 constexpr int64_t kV = Vec::size();
 
-int64_t env_int(const char* name, int64_t dflt) {
-  const char* s = std::getenv(name);
-  if (!s || !*s) return dflt;
-  const long v = std::strtol(s, nullptr, 10);
-  return v > 0 ? v : dflt;
-}
 
 // Experts with at most this many tokens stream their weights; more take the GEMM tiles.
 int64_t stream_max_tokens() {
@@ -732,8 +727,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> fused_moe_bwd_cpu(
     if (n == 0) continue;
     std::vector<int64_t> pair(r.order.begin() + s0, r.order.begin() + s0 + n), tok(n);
     for (int64_t i = 0; i < n; ++i) tok[i] = pair[i] / r.top_k;
-    const at::Tensor pidx = at::from_blob(pair.data(), {n}, at::kLong).clone();
-    const at::Tensor tidx = at::from_blob(tok.data(), {n}, at::kLong).clone();
+    const at::Tensor pidx = at::from_blob(pair.data(), {n}, at::kLong);  // pair, tok outlive the iteration
+    const at::Tensor tidx = at::from_blob(tok.data(), {n}, at::kLong);
     const at::Tensor go = grad_out.index_select(0, tidx);              // (n, H)
     const at::Tensor gu = cache.index_select(0, pidx).to(acc_type);    // (n, 2I)
     const at::Tensor gate = gu.narrow(1, 0, I), up = gu.narrow(1, I, I);

@@ -32,6 +32,7 @@
 #include <vector>
 
 #include "common/cpu_isa.h"
+#include "common/env.h"
 #include "sigmoid_attention/sigmoid_attention.h"
 
 namespace accel::sigmoid_attention {
@@ -63,12 +64,6 @@ inline void gemm_release(float*) { at::native::cpublas::brgemm_release(/*is_vnni
 inline void gemm_release(double*) {}
 
 // ------------------------------------------------------------------ tile sizes
-int64_t env_int(const char* name, int64_t dflt) {
-  const char* s = std::getenv(name);
-  if (!s || !*s) return dflt;
-  const long v = std::strtol(s, nullptr, 10);
-  return v > 0 ? v : dflt;
-}
 
 struct Tiles {
   int64_t fwd_q, fwd_k, bwd_q, bwd_k;
