@@ -30,12 +30,12 @@ def _check_tensor(name: str, t, dims: int, layout: str) -> None:
 def _check_ids_on_host(topk_ids: Tensor, experts: int) -> None:
     """CUDA kernels skip out-of-range ids (no out-of-bounds access); this turns them into an error.
 
-    It reads two numbers back from the GPU, so it is skipped while a CUDA graph is captured or
+    It reads two numbers back from the GPU (one sync), so it is skipped while a CUDA graph is captured or
     torch.compile traces (the kernels stay safe either way).
     """
     if topk_ids.numel() == 0 or torch.compiler.is_compiling() or torch.cuda.is_current_stream_capturing():
         return
-    lo, hi = int(topk_ids.min()), int(topk_ids.max())
+    lo, hi = torch.stack(torch.aminmax(topk_ids)).tolist()  # one device-to-host copy
     if lo < 0 or hi >= experts:
         bad = lo if lo < 0 else hi
         raise ValueError(f"{_NAME}: topk_ids must be in [0, E) = [0, {experts}), found {bad}")
