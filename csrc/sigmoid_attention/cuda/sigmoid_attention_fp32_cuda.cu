@@ -23,7 +23,7 @@ static_assert(kMaxHeadDim <= 2 * kThreads, "two output columns per thread");
 __host__ __device__ inline int pitch_of(int d) { return d | 1; }
 
 __global__ void __launch_bounds__(kThreads) sigmoid_attention_fwd_fp32_kernel(const Params p) {
-  extern __shared__ float smem_f[];
+  ACCEL_DYNAMIC_SMEM(float, smem_f);
   const int D = p.head_dim, pitch = pitch_of(D);
   float* sQ = smem_f;                    // [16][pitch]
   float* sK = sQ + kFwdBlockM * pitch;   // [32][pitch]
@@ -104,7 +104,7 @@ __global__ void __launch_bounds__(kThreads) sigmoid_attention_fwd_fp32_kernel(co
 }
 
 __global__ void __launch_bounds__(kThreads) sigmoid_attention_bwd_fp32_kernel(const Params p) {
-  extern __shared__ float smem_f[];
+  ACCEL_DYNAMIC_SMEM(float, smem_f);
   const int D = p.head_dim, pitch = pitch_of(D);
   float* sK = smem_f;                    // [16 keys][pitch]
   float* sV = sK + kBwdBlockN * pitch;   // [16 keys][pitch]
@@ -245,7 +245,7 @@ cudaError_t run_fwd_fp32(const Params& p, cudaStream_t stream) {
   if (e != cudaSuccess) return e;
   const dim3 grid(static_cast<unsigned>(ceil_div(p.max_len_q, kFwdBlockM)), static_cast<unsigned>(p.heads_q),
                   static_cast<unsigned>(p.batch));
-  sigmoid_attention_fwd_fp32_kernel<<<grid, kThreads, smem, stream>>>(p);
+  ACCEL_LAUNCH(sigmoid_attention_fwd_fp32_kernel, grid, kThreads, smem, stream, p);
   return cudaGetLastError();
 }
 
@@ -256,7 +256,7 @@ cudaError_t run_bwd_fp32(const Params& p, cudaStream_t stream) {
   if (e != cudaSuccess) return e;
   const dim3 grid(static_cast<unsigned>(ceil_div(p.max_len_k, kBwdBlockN)), static_cast<unsigned>(p.heads_kv),
                   static_cast<unsigned>(p.batch));
-  sigmoid_attention_bwd_fp32_kernel<<<grid, kThreads, smem, stream>>>(p);
+  ACCEL_LAUNCH(sigmoid_attention_bwd_fp32_kernel, grid, kThreads, smem, stream, p);
   return cudaGetLastError();
 }
 

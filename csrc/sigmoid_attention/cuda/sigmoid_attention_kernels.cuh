@@ -19,6 +19,8 @@
 #include <cuda_fp16.h>
 #include <cuda_runtime.h>
 
+#include "common/cuda_portable.h"
+
 #include <cstdint>
 #include <cstring>
 
@@ -114,6 +116,24 @@ __host__ __device__ __forceinline__ int ceil_div(int a, int b) { return (a + b -
 
 // ------------------------------------------------------------------ PTX wrappers
 
+#if defined(ACCEL_CUDA_EMU)
+__device__ __forceinline__ uint32_t smem_u32(const void* ptr) { return ::accel::cuda_emu::shared_address(ptr); }
+__device__ __forceinline__ void cp_async_16(void* smem, const void* gmem, bool valid) {
+  ::accel::cuda_emu::cp_async_16(smem, gmem, valid);
+}
+__device__ __forceinline__ void cp_async_commit() { ::accel::cuda_emu::cp_async_commit(); }
+template <int N>
+__device__ __forceinline__ void cp_async_wait() {
+  ::accel::cuda_emu::cp_async_wait(N);
+}
+__device__ __forceinline__ void ldmatrix_x4(uint32_t (&r)[4], uint32_t addr) { ::accel::cuda_emu::ldmatrix(r, 4, false, addr); }
+__device__ __forceinline__ void ldmatrix_x4_trans(uint32_t (&r)[4], uint32_t addr) {
+  ::accel::cuda_emu::ldmatrix(r, 4, true, addr);
+}
+__device__ __forceinline__ void ldmatrix_x2_trans(uint32_t (&r)[2], uint32_t addr) {
+  ::accel::cuda_emu::ldmatrix(r, 2, true, addr);
+}
+#else
 __device__ __forceinline__ uint32_t smem_u32(const void* ptr) {
   return static_cast<uint32_t>(__cvta_generic_to_shared(ptr));
 }
@@ -145,6 +165,7 @@ __device__ __forceinline__ void ldmatrix_x2_trans(uint32_t (&r)[2], uint32_t add
                : "=r"(r[0]), "=r"(r[1])
                : "r"(addr));
 }
+#endif  // ACCEL_CUDA_EMU
 
 template <typename T>
 struct Tc;  // tensor-core traits of a 16-bit type
@@ -152,10 +173,14 @@ struct Tc;  // tensor-core traits of a 16-bit type
 template <>
 struct Tc<__half> {
   static __device__ __forceinline__ void mma(float (&c)[4], const uint32_t (&a)[4], uint32_t b0, uint32_t b1) {
+#if defined(ACCEL_CUDA_EMU)
+    ::accel::cuda_emu::mma_m16n8k16(c, a, b0, b1, false);
+#else
     asm("mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32 {%0, %1, %2, %3}, {%4, %5, %6, %7}, {%8, %9}, "
         "{%0, %1, %2, %3};\n"
         : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
         : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
+#endif
   }
   // lo goes to the low 16 bits: the element with the smaller column index in a fragment
   static __device__ __forceinline__ uint32_t pack(float lo, float hi) {
@@ -169,10 +194,14 @@ struct Tc<__half> {
 template <>
 struct Tc<__nv_bfloat16> {
   static __device__ __forceinline__ void mma(float (&c)[4], const uint32_t (&a)[4], uint32_t b0, uint32_t b1) {
+#if defined(ACCEL_CUDA_EMU)
+    ::accel::cuda_emu::mma_m16n8k16(c, a, b0, b1, true);
+#else
     asm("mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0, %1, %2, %3}, {%4, %5, %6, %7}, {%8, %9}, "
         "{%0, %1, %2, %3};\n"
         : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
         : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
+#endif
   }
   static __device__ __forceinline__ uint32_t pack(float lo, float hi) {
     const __nv_bfloat162 h = __floats2bfloat162_rn(lo, hi);
@@ -279,7 +308,7 @@ __global__ void __launch_bounds__(FwdConfig<kD>::kThreads, FwdConfig<kD>::kMinBl
   constexpr int kTilesS = kBlockN / 8;  // n-tiles of the S accumulator (16 x kBlockN per warp)
   constexpr int kTilesO = kD / 8;       // n-tiles of the O accumulator (16 x kD per warp)
 
-  extern __shared__ __align__(16) unsigned char smem_raw[];
+  ACCEL_DYNAMIC_SMEM(unsigned char, smem_raw);
   uint16_t* sQ = reinterpret_cast<uint16_t*>(smem_raw);
   uint16_t* sK = sQ + kBlockM * kPitch;
   uint16_t* sV = sK + kBlockN * kPitch;
@@ -456,7 +485,7 @@ cudaError_t launch_fwd(const Params& p, cudaStream_t stream) {
   const int n_m_blocks = ceil_div(p.max_len_q, Cfg::kBlockM);
   const dim3 grid(static_cast<unsigned>(n_m_blocks * p.num_splits), static_cast<unsigned>(p.heads_q),
                   static_cast<unsigned>(p.batch));
-  kernel<<<grid, Cfg::kThreads, Cfg::kSmemBytes, stream>>>(p);
+  ACCEL_LAUNCH(kernel, grid, Cfg::kThreads, Cfg::kSmemBytes, stream, p);
   return cudaGetLastError();
 }
 
@@ -499,7 +528,7 @@ __global__ void __launch_bounds__(BwdConfig<kD>::kThreads, 1) sigmoid_attention_
   constexpr int kTilesA = kAQ / 8;   // n-tiles of S^T / dP^T per warp
   constexpr int kTilesB = kD / 16;   // n-tiles of dK / dV per warp (kD / 2 dims)
 
-  extern __shared__ __align__(16) unsigned char smem_raw[];
+  ACCEL_DYNAMIC_SMEM(unsigned char, smem_raw);
   uint16_t* sQ = reinterpret_cast<uint16_t*>(smem_raw);  // [2][kBlockM][kPitch]
   uint16_t* sdO = sQ + 2 * kBlockM * kPitch;              // [2][kBlockM][kPitch]
   uint16_t* sK = sdO + 2 * kBlockM * kPitch;              // [kBlockN][kPitch]
@@ -747,7 +776,7 @@ cudaError_t launch_bwd(const Params& p, cudaStream_t stream) {
   }
   const dim3 grid(static_cast<unsigned>(ceil_div(p.max_len_k, Cfg::kBlockN)), static_cast<unsigned>(p.heads_kv),
                   static_cast<unsigned>(p.batch));
-  kernel<<<grid, Cfg::kThreads, Cfg::kSmemBytes, stream>>>(p);
+  ACCEL_LAUNCH(kernel, grid, Cfg::kThreads, Cfg::kSmemBytes, stream, p);
   return cudaGetLastError();
 }
 
