@@ -73,12 +73,61 @@ __device__ __forceinline__ float sigmoid_fast(float x) {
   return x >= 0.f ? r : e * r;
 }
 
+constexpr float kLog2e = 1.4426950408889634f;
+
+__device__ __forceinline__ float ex2_approx(float t) {
+#if defined(ACCEL_CUDA_EMU)
+  return std::exp2(t);
+#else
+  float y;
+  asm("ex2.approx.ftz.f32 %0, %1;\n" : "=f"(y) : "f"(t));
+  return y;
+#endif
+}
+
+// The parts of sigmoid(x) for the tensor-core kernels, from t = x * log2(e) (the caller folds
+// log2(e) into its scale and bias): e = 2^-|t| in (0, 1] from one MUFU ex2, and r ~ 1 / (1 + e)
+// on the FMA pipe (a quadratic minimax guess on [1, 2], |1 - d r| <= 0.0101, then one Newton
+// step: relative error <= 1.1e-4, r never above 1 / d). Then sigmoid(x) = r (t >= 0) or e r, and
+// sigmoid(x) (1 - sigmoid(x)) = e r^2 without cancellation. The softmax kernels spend one MUFU op
+// per logit (exp); a plain 1 / (1 + e) would add a second (rcp), the bound of the elementwise work.
+struct SigmoidParts {
+  float e, r;
+};
+__device__ __forceinline__ SigmoidParts sigmoid_parts_base2(float t) {
+  const float e = ex2_approx(-fabsf(t));
+  const float d = 1.f + e;
+  float r = fmaf(fmaf(0.32323232f, d, -1.45454545f), d, 2.12121212f);
+  r = fmaf(r, fmaf(-d, r, 1.f), r);
+  return {e, r};
+}
+__device__ __forceinline__ float sigmoid_base2(float t) {
+  const SigmoidParts s = sigmoid_parts_base2(t);
+  return t >= 0.f ? s.r : s.e * s.r;
+}
+
 // Query row i sits at key position i + offset, offset = len_k - len_q (bottom-right alignment).
 // Key j is allowed for row i when j < len_k, i < len_q and j - (i + offset) lies in the window.
 __device__ __forceinline__ bool allowed(const Params& p, const SeqInfo& s, int offset, int i, int j, int& dist) {
   dist = j - (i + offset);
   return j < s.len_k && i < s.len_q && (p.window_left < 0 || dist >= -p.window_left) &&
          (p.window_right < 0 || dist <= p.window_right);
+}
+
+// Keys [lo, hi) that query row i may attend to (none when i >= len_q): allowed(p, s, offset, i, j)
+// == (lo <= j < hi).
+__device__ __forceinline__ void row_key_range(const Params& p, const SeqInfo& s, int offset, int i, int& lo,
+                                              int& hi) {
+  if (i >= s.len_q) {
+    lo = hi = 0;
+    return;
+  }
+  long long l = 0, r = s.len_k;
+  const long long pos = static_cast<long long>(i) + offset;
+  if (p.window_left >= 0) l = max(l, pos - p.window_left);
+  if (p.window_right >= 0) r = min(r, pos + p.window_right + 1);
+  lo = static_cast<int>(l);
+  hi = static_cast<int>(max(r, l));
 }
 
 // Keys [lo, hi) that any of the query rows [i_first, i_last] may attend to (hi <= lo: none).
@@ -279,22 +328,24 @@ __device__ __forceinline__ void store_tile(uint16_t* dst, int64_t row_stride, co
 
 // ------------------------------------------------------------------ forward
 
-// One CTA per (query block, head, batch[, key split]); warp w owns query rows [16w, 16w + 16) of
-// the block. Q stays in shared memory; K and V tiles of kBlockN keys stream through one buffer
-// each, overlapped as in FlashAttention-2: V_j loads while S = Q K_j^T is computed, K_{j+1} loads
-// while O += P V_j is computed. P = sigmoid(scale S + bias [+ alibi]) stays in registers (the S
-// accumulator layout is the A-operand layout of the next mma). No max, no sum, no rescale.
+// One CTA per (query block, head, batch[, key split]); warp w owns kMTiles * 16 consecutive query
+// rows of the block. Q stays in shared memory; K and V tiles of kBlockN keys stream through one
+// buffer each, overlapped as in FlashAttention-2: V_j loads while S = Q K_j^T is computed, K_{j+1}
+// loads while O += P V_j is computed. P = sigmoid(scale S + bias [+ alibi]) stays in registers (the
+// S accumulator layout is the A-operand layout of the next mma). No max, no sum, no rescale.
 //
-// The O accumulator takes kD / 2 fp32 registers per thread: up to 128 registers at kD = 256, where
-// 4 warps and key tiles of 32 keep the kernel within 255 registers (ptxas reports a few dozen
-// bytes of spill at kD = 224 and 256). kD <= 64 is held to 128 registers so that two CTAs share an
-// SM (ptxas: no spill on sm_80, ~40 bytes on sm_90 at kD = 64).
+// Two m16 tiles per warp (kD <= 128) make every K / V fragment read from shared memory feed two
+// mma instead of one: with one, the ldmatrix traffic (about 128 bytes per mma) and not the tensor
+// cores bounds the loop. The O accumulator takes kMTiles * kD / 2 fp32 registers per thread (128 at
+// kD = 128); kD > 128 keeps one m16 tile per warp and key tiles of 32 to stay within 255 registers.
 template <int kD>
 struct FwdConfig {
-  static constexpr int kWarps = kD <= 128 ? 8 : 4;
+  static constexpr int kWarps = 4;
+  static constexpr int kMTiles = kD <= 128 ? 2 : 1;
   static constexpr int kThreads = kWarps * 32;
-  static constexpr int kMinBlocks = kD <= 64 ? 2 : 1;
-  static constexpr int kBlockM = 16 * kWarps;
+  static constexpr int kMinBlocks = kD <= 128 ? 2 : 1;
+  static constexpr int kRowsPerWarp = 16 * kMTiles;
+  static constexpr int kBlockM = kRowsPerWarp * kWarps;
   static constexpr int kBlockN = kD <= 128 ? 64 : 32;
   static constexpr int kPitch = kD + 8;
   static constexpr int kSmemBytes = (kBlockM + 2 * kBlockN) * kPitch * 2;
@@ -305,8 +356,9 @@ __global__ void __launch_bounds__(FwdConfig<kD>::kThreads, FwdConfig<kD>::kMinBl
     sigmoid_attention_fwd_kernel(const Params p) {
   using Cfg = FwdConfig<kD>;
   constexpr int kBlockM = Cfg::kBlockM, kBlockN = Cfg::kBlockN, kPitch = Cfg::kPitch, kThreads = Cfg::kThreads;
-  constexpr int kTilesS = kBlockN / 8;  // n-tiles of the S accumulator (16 x kBlockN per warp)
-  constexpr int kTilesO = kD / 8;       // n-tiles of the O accumulator (16 x kD per warp)
+  constexpr int kMT = Cfg::kMTiles, kRowsPerWarp = Cfg::kRowsPerWarp;
+  constexpr int kTilesS = kBlockN / 8;  // n-tiles of the S accumulator (16 x kBlockN per m-tile)
+  constexpr int kTilesO = kD / 8;       // n-tiles of the O accumulator (16 x kD per m-tile)
 
   ACCEL_DYNAMIC_SMEM(unsigned char, smem_raw);
   uint16_t* sQ = reinterpret_cast<uint16_t*>(smem_raw);
@@ -344,16 +396,21 @@ __global__ void __launch_bounds__(FwdConfig<kD>::kThreads, FwdConfig<kD>::kMinBl
                       s.k_row0 * p.v_row_stride;
 
   const int tid = threadIdx.x, warp = tid / 32, lane = tid % 32;
-  const float scale = p.scale;
-  const float bias = head_bias(p, h, s.len_k);
+  // logits in base-2 units: sigmoid_base2 takes x * log2(e)
+  const float scale2 = p.scale * kLog2e;
+  const float bias2 = head_bias(p, h, s.len_k) * kLog2e;
   const bool has_alibi = p.alibi_slopes != nullptr;
-  const float slope = alibi_slope(p, b, h);
-  const int row0 = m0 + warp * 16 + lane / 4;  // query row of accumulator elements 0, 1 (2, 3: row0 + 8)
-  const int col0 = (lane % 4) * 2;             // column of element 0 within an n-tile
+  const float slope2 = alibi_slope(p, b, h) * kLog2e;
+  // query row of accumulator elements 0, 1 of m-tile 0 (m-tile mi: + 16 mi; elements 2, 3: + 8)
+  const int row0 = m0 + warp * kRowsPerWarp + lane / 4;
+  const int col0 = (lane % 4) * 2;  // column of element 0 within an n-tile
 
-  float acc_o[kTilesO][4];
+  float acc_o[kMT][kTilesO][4];
 #pragma unroll
-  for (int i = 0; i < kTilesO; ++i) acc_o[i][0] = acc_o[i][1] = acc_o[i][2] = acc_o[i][3] = 0.f;
+  for (int mi = 0; mi < kMT; ++mi) {
+#pragma unroll
+    for (int i = 0; i < kTilesO; ++i) acc_o[mi][i][0] = acc_o[mi][i][1] = acc_o[mi][i][2] = acc_o[mi][i][3] = 0.f;
+  }
 
   if (nb_lo < nb_hi) {
     load_tile<kBlockM, kD, kThreads>(sQ, q, p.q_row_stride, s.len_q - m0, p.head_dim, p.vec_load, tid);
@@ -361,14 +418,16 @@ __global__ void __launch_bounds__(FwdConfig<kD>::kThreads, FwdConfig<kD>::kMinBl
                                      s.len_k - nb_lo * kBlockN, p.head_dim, p.vec_load, tid);
     cp_async_commit();
 
-    // Per-lane ldmatrix addresses (bytes). A operand (Q, 16 x 16 at (0, 0)): row lane % 16, col
-    // 8 * (lane / 16). B operand of S (K rows = keys, non-transposed): matrices (keys 0-7, d 0-7),
-    // (keys 0-7, d 8-15), (keys 8-15, d 0-7), (keys 8-15, d 8-15) -> b0, b1 of two key n-tiles.
-    // B operand of O (V rows = keys, transposed): matrices (keys 0-7, d 0-7), (keys 8-15, d 0-7),
-    // (keys 0-7, d 8-15), (keys 8-15, d 8-15) -> b0, b1 of two d n-tiles.
-    const uint32_t a_q = smem_u32(sQ + (warp * 16 + lane % 16) * kPitch + (lane / 16) * 8);
+    // Per-lane ldmatrix addresses (bytes). A operand (Q, 16 x 16 at (0, 0) of m-tile 0): row
+    // lane % 16, col 8 * (lane / 16); m-tile mi is 16 rows further down. B operand of S (K rows =
+    // keys, non-transposed): matrices (keys 0-7, d 0-7), (keys 0-7, d 8-15), (keys 8-15, d 0-7),
+    // (keys 8-15, d 8-15) -> b0, b1 of two key n-tiles. B operand of O (V rows = keys, transposed):
+    // matrices (keys 0-7, d 0-7), (keys 8-15, d 0-7), (keys 0-7, d 8-15), (keys 8-15, d 8-15) ->
+    // b0, b1 of two d n-tiles.
+    const uint32_t a_q = smem_u32(sQ + (warp * kRowsPerWarp + lane % 16) * kPitch + (lane / 16) * 8);
     const uint32_t b_k = smem_u32(sK + (lane % 8 + (lane / 16) * 8) * kPitch + ((lane / 8) % 2) * 8);
     const uint32_t b_v = smem_u32(sV + (lane % 8 + ((lane / 8) % 2) * 8) * kPitch + (lane / 16) * 8);
+    constexpr uint32_t kMTileBytes = 16 * kPitch * 2;
 
     for (int nb = nb_lo; nb < nb_hi; ++nb) {
       const int n0 = nb * kBlockN;
@@ -378,49 +437,72 @@ __global__ void __launch_bounds__(FwdConfig<kD>::kThreads, FwdConfig<kD>::kMinBl
                                        s.len_k - n0, p.head_dim, p.vec_load, tid);
       cp_async_commit();
 
-      float acc_s[kTilesS][4];
+      float acc_s[kMT][kTilesS][4];
 #pragma unroll
-      for (int i = 0; i < kTilesS; ++i) acc_s[i][0] = acc_s[i][1] = acc_s[i][2] = acc_s[i][3] = 0.f;
+      for (int mi = 0; mi < kMT; ++mi) {
+#pragma unroll
+        for (int i = 0; i < kTilesS; ++i) acc_s[mi][i][0] = acc_s[mi][i][1] = acc_s[mi][i][2] = acc_s[mi][i][3] = 0.f;
+      }
 #pragma unroll
       for (int kk = 0; kk < kD / 16; ++kk) {
-        uint32_t a[4];
-        ldmatrix_x4(a, a_q + kk * 32);
+        uint32_t a[kMT][4];
+#pragma unroll
+        for (int mi = 0; mi < kMT; ++mi) ldmatrix_x4(a[mi], a_q + mi * kMTileBytes + kk * 32);
 #pragma unroll
         for (int np = 0; np < kBlockN / 16; ++np) {
           uint32_t bf[4];
           ldmatrix_x4(bf, b_k + (np * 16 * kPitch + kk * 16) * 2);
-          Tc<T>::mma(acc_s[2 * np], a, bf[0], bf[1]);
-          Tc<T>::mma(acc_s[2 * np + 1], a, bf[2], bf[3]);
+#pragma unroll
+          for (int mi = 0; mi < kMT; ++mi) {
+            Tc<T>::mma(acc_s[mi][2 * np], a[mi], bf[0], bf[1]);
+            Tc<T>::mma(acc_s[mi][2 * np + 1], a[mi], bf[2], bf[3]);
+          }
         }
       }
 
       if (has_alibi || tile_needs_mask(p, s, offset, m0, kBlockM, n0, kBlockN)) {
 #pragma unroll
-        for (int nt = 0; nt < kTilesS; ++nt) {
+        for (int mi = 0; mi < kMT; ++mi) {
 #pragma unroll
-          for (int e = 0; e < 4; ++e) {
-            const int i = row0 + (e / 2) * 8, j = n0 + nt * 8 + col0 + (e % 2);
-            int dist;
-            const bool ok = allowed(p, s, offset, i, j, dist);
-            const float x = fmaf(acc_s[nt][e], scale, bias) - slope * static_cast<float>(abs(dist));
-            acc_s[nt][e] = ok ? sigmoid_fast(x) : 0.f;
+          for (int half = 0; half < 2; ++half) {
+            // the keys row i may see, as offsets from this lane's first column: [lo, hi)
+            const int i = row0 + mi * 16 + half * 8;
+            int lo, hi;
+            row_key_range(p, s, offset, i, lo, hi);
+            const int c0 = n0 + col0, pos = i + offset;
+#pragma unroll
+            for (int nt = 0; nt < kTilesS; ++nt) {
+#pragma unroll
+              for (int x = 0; x < 2; ++x) {
+                const int j = c0 + nt * 8 + x;
+                float& a = acc_s[mi][nt][half * 2 + x];
+                const float t = fmaf(a, scale2, bias2) - slope2 * static_cast<float>(abs(j - pos));
+                a = (j >= lo && j < hi) ? sigmoid_base2(t) : 0.f;
+              }
+            }
           }
         }
       } else {
 #pragma unroll
-        for (int nt = 0; nt < kTilesS; ++nt) {
+        for (int mi = 0; mi < kMT; ++mi) {
 #pragma unroll
-          for (int e = 0; e < 4; ++e) acc_s[nt][e] = sigmoid_fast(fmaf(acc_s[nt][e], scale, bias));
+          for (int nt = 0; nt < kTilesS; ++nt) {
+#pragma unroll
+            for (int e = 0; e < 4; ++e) acc_s[mi][nt][e] = sigmoid_base2(fmaf(acc_s[mi][nt][e], scale2, bias2));
+          }
         }
       }
       // C layout of key n-tiles 2t, 2t + 1 == A layout of the 16-key k-step t.
-      uint32_t a_p[kBlockN / 16][4];
+      uint32_t a_p[kMT][kBlockN / 16][4];
 #pragma unroll
-      for (int t = 0; t < kBlockN / 16; ++t) {
-        a_p[t][0] = Tc<T>::pack(acc_s[2 * t][0], acc_s[2 * t][1]);
-        a_p[t][1] = Tc<T>::pack(acc_s[2 * t][2], acc_s[2 * t][3]);
-        a_p[t][2] = Tc<T>::pack(acc_s[2 * t + 1][0], acc_s[2 * t + 1][1]);
-        a_p[t][3] = Tc<T>::pack(acc_s[2 * t + 1][2], acc_s[2 * t + 1][3]);
+      for (int mi = 0; mi < kMT; ++mi) {
+#pragma unroll
+        for (int t = 0; t < kBlockN / 16; ++t) {
+          a_p[mi][t][0] = Tc<T>::pack(acc_s[mi][2 * t][0], acc_s[mi][2 * t][1]);
+          a_p[mi][t][1] = Tc<T>::pack(acc_s[mi][2 * t][2], acc_s[mi][2 * t][3]);
+          a_p[mi][t][2] = Tc<T>::pack(acc_s[mi][2 * t + 1][0], acc_s[mi][2 * t + 1][1]);
+          a_p[mi][t][3] = Tc<T>::pack(acc_s[mi][2 * t + 1][2], acc_s[mi][2 * t + 1][3]);
+        }
       }
 
       cp_async_wait<0>();
@@ -437,8 +519,11 @@ __global__ void __launch_bounds__(FwdConfig<kD>::kThreads, FwdConfig<kD>::kMinBl
         for (int dp = 0; dp < kD / 16; ++dp) {
           uint32_t bf[4];
           ldmatrix_x4_trans(bf, b_v + (t * 16 * kPitch + dp * 16) * 2);
-          Tc<T>::mma(acc_o[2 * dp], a_p[t], bf[0], bf[1]);
-          Tc<T>::mma(acc_o[2 * dp + 1], a_p[t], bf[2], bf[3]);
+#pragma unroll
+          for (int mi = 0; mi < kMT; ++mi) {
+            Tc<T>::mma(acc_o[mi][2 * dp], a_p[mi][t], bf[0], bf[1]);
+            Tc<T>::mma(acc_o[mi][2 * dp + 1], a_p[mi][t], bf[2], bf[3]);
+          }
         }
       }
     }
@@ -447,30 +532,36 @@ __global__ void __launch_bounds__(FwdConfig<kD>::kThreads, FwdConfig<kD>::kMinBl
   if (p.o_accum != nullptr) {  // split-KV: add this part of the key range
     float* o = p.o_accum + b * p.o_batch_stride + h * p.o_head_stride + s.q_row0 * p.o_row_stride;
 #pragma unroll
-    for (int nt = 0; nt < kTilesO; ++nt) {
+    for (int mi = 0; mi < kMT; ++mi) {
 #pragma unroll
-      for (int e = 0; e < 4; ++e) {
-        const int i = row0 + (e / 2) * 8, d = nt * 8 + col0 + (e % 2);
-        if (i < s.len_q && d < p.head_dim) atomicAdd(o + i * p.o_row_stride + d, acc_o[nt][e]);
+      for (int nt = 0; nt < kTilesO; ++nt) {
+#pragma unroll
+        for (int e = 0; e < 4; ++e) {
+          const int i = row0 + mi * 16 + (e / 2) * 8, d = nt * 8 + col0 + (e % 2);
+          if (i < s.len_q && d < p.head_dim) atomicAdd(o + i * p.o_row_stride + d, acc_o[mi][nt][e]);
+        }
       }
     }
     return;
   }
 
-  // Stage the warp's 16 output rows in its own rows of sQ (no other warp reads them), then store
+  // Stage the warp's output rows in its own rows of sQ (no other warp reads them), then store
   // whole 16-byte chunks.
-  uint16_t* sO = sQ + warp * 16 * kPitch;
+  uint16_t* sO = sQ + warp * kRowsPerWarp * kPitch;
 #pragma unroll
-  for (int nt = 0; nt < kTilesO; ++nt) {
-    uint16_t* dst = sO + (lane / 4) * kPitch + nt * 8 + col0;
-    *reinterpret_cast<uint32_t*>(dst) = Tc<T>::pack(acc_o[nt][0], acc_o[nt][1]);
-    *reinterpret_cast<uint32_t*>(dst + 8 * kPitch) = Tc<T>::pack(acc_o[nt][2], acc_o[nt][3]);
+  for (int mi = 0; mi < kMT; ++mi) {
+#pragma unroll
+    for (int nt = 0; nt < kTilesO; ++nt) {
+      uint16_t* dst = sO + (mi * 16 + lane / 4) * kPitch + nt * 8 + col0;
+      *reinterpret_cast<uint32_t*>(dst) = Tc<T>::pack(acc_o[mi][nt][0], acc_o[mi][nt][1]);
+      *reinterpret_cast<uint32_t*>(dst + 8 * kPitch) = Tc<T>::pack(acc_o[mi][nt][2], acc_o[mi][nt][3]);
+    }
   }
   __syncwarp();
-  const int first_row = m0 + warp * 16;
+  const int first_row = m0 + warp * kRowsPerWarp;
   uint16_t* o = static_cast<uint16_t*>(p.o) + b * p.o_batch_stride + h * p.o_head_stride +
                 (s.q_row0 + first_row) * p.o_row_stride;
-  store_tile<16, kD, 32>(o, p.o_row_stride, sO, s.len_q - first_row, p.head_dim, p.vec_store, lane);
+  store_tile<kRowsPerWarp, kD, 32>(o, p.o_row_stride, sO, s.len_q - first_row, p.head_dim, p.vec_store, lane);
 }
 
 template <typename T, int kD>
@@ -559,7 +650,7 @@ __global__ void __launch_bounds__(BwdConfig<kD>::kThreads, 1) sigmoid_attention_
   const int half = warp / 4;        // phase A: queries [kAQ half, ...); phase B: dims [kD/2 half, ...)
   const int qg = warp % kCQGroups;  // phase C: queries [16 qg, 16 qg + 16)
   const int dc = warp / kCQGroups;  // phase C: dims [kCD dc, kCD dc + kCD)
-  const float scale = p.scale;
+  const float scale = p.scale, scale2 = p.scale * kLog2e;
   const bool has_alibi = p.alibi_slopes != nullptr;
 
   float acc_dk[kTilesB][4], acc_dv[kTilesB][4];
@@ -615,8 +706,8 @@ __global__ void __launch_bounds__(BwdConfig<kD>::kThreads, 1) sigmoid_attention_
       const int h = hk * p.group + it / n_mb, m0 = (mb_lo + it % n_mb) * kBlockM;
       const uint16_t* cQ = sQ + buf * kBlockM * kPitch;
       const uint16_t* cdO = sdO + buf * kBlockM * kPitch;
-      const float bias = head_bias(p, h, s.len_k);
-      const float slope = alibi_slope(p, b, h);
+      const float bias2 = head_bias(p, h, s.len_k) * kLog2e;  // base-2 logits (sigmoid_parts_base2)
+      const float slope2 = alibi_slope(p, b, h) * kLog2e;
 
       // ---- A: S^T and dP^T for keys [16 kr, +16) x queries [kAQ half, +kAQ)
       {
@@ -653,16 +744,18 @@ __global__ void __launch_bounds__(BwdConfig<kD>::kThreads, 1) sigmoid_attention_
         for (int nt = 0; nt < kTilesA; ++nt) {
 #pragma unroll
           for (int e = 0; e < 4; ++e) {
-            float x = fmaf(acc_s[nt][e], scale, bias), pr;
+            float t = fmaf(acc_s[nt][e], scale2, bias2);
+            bool ok = true;
             if (masked) {
               int dist;
-              const bool ok = allowed(p, s, offset, query0 + nt * 8 + e % 2, key0 + (e / 2) * 8, dist);
-              pr = ok ? sigmoid_fast(x - slope * static_cast<float>(abs(dist))) : 0.f;
-            } else {
-              pr = sigmoid_fast(x);
+              ok = allowed(p, s, offset, query0 + nt * 8 + e % 2, key0 + (e / 2) * 8, dist);
+              t -= slope2 * static_cast<float>(abs(dist));
             }
-            acc_s[nt][e] = pr;
-            acc_dp[nt][e] *= pr * (1.f - pr);
+            const SigmoidParts sp = sigmoid_parts_base2(t);
+            const float er = sp.e * sp.r;
+            // P and P (1 - P) = e r^2 (no 1 - P cancellation where P is close to 1)
+            acc_s[nt][e] = ok ? (t >= 0.f ? sp.r : er) : 0.f;
+            acc_dp[nt][e] *= ok ? er * sp.r : 0.f;
           }
         }
 #pragma unroll
