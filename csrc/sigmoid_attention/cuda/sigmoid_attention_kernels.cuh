@@ -839,9 +839,9 @@ __global__ void __launch_bounds__(BwdConfig<kD>::kThreads, 1) sigmoid_attention_
     }
   }
 
-  // dK = scale * dS^T Q, dV: staged through sK / sV (free now), then 16-byte stores.
-  cp_async_wait<0>();
-  __syncthreads();
+  // dK = scale * dS^T Q, dV: staged through sK / sV, then 16-byte stores. sK / sV are free: the
+  // last iteration waited for every copy group and ended with a barrier after its last read
+  // (scripts/emu_mutations.py found the wait and barrier that stood here redundant).
 #pragma unroll
   for (int nt = 0; nt < kTilesB; ++nt) {
     const int off = (kr * 16 + lane / 4) * kPitch + half * (kD / 2) + nt * 8 + (lane % 4) * 2;
