@@ -32,6 +32,6 @@ if torch.version.cuda:
 # else pip's nvidia runtime headers.
 header_dirs = ([os.path.join(find_cuda_home(), "include")] if find_cuda_home() else []) + pip_cuda_include_dirs()
 for inc in header_dirs:
-    if all(os.path.isfile(os.path.join(inc, h)) for h in ("cuda_runtime.h", "cuda_bf16.h", "cuda_fp16.h")):
+    if all(os.path.isfile(os.path.join(inc, h)) for h in ("cuda_runtime.h", "cuda_bf16.h", "cuda_fp16.h", "crt/host_defines.h")):
         print(f"ACCEL_CUDA_HEADERS={inc}")
         break

@@ -349,42 +349,56 @@ inline void sigmoid_grad_row(double* s, double* g, int64_t n, int64_t c0, int64_
 // is called with dpos = j - shift - i0.
 
 // ------------------------------------------------------------------ forward
+// A task covers `group` consecutive query blocks of one head: each K^T / V tile is loaded once
+// and used by all of them while it is in L1/L2 (at L 8192 a head's K and V, 4 MB in fp32, no
+// longer fit in L2, and one pass over them per 128-row block is an L3 stream per block).
 template <typename T, typename out_t>
 void forward_kernel(const Problem& p, const View<T>& q, const Packed<T>& kt, const View<T>& v, out_t* out) {
   const int64_t D = p.head_dim, G = p.heads_q / p.heads_kv;
   const int64_t BQ = tiles().fwd_q, BK = kt.T_;
   const int64_t nqb = (p.max_len_q + BQ - 1) / BQ;
-  const int64_t tasks = p.batch * p.heads_q * nqb;
+  // blocks per task: up to ACCEL_SIGATTN_FWD_GROUP (4), while there are at least 4 tasks per thread
+  static const int64_t max_group = std::max<int64_t>(1, env_int("ACCEL_SIGATTN_FWD_GROUP", 4));
+  const int64_t group =
+      std::clamp<int64_t>(p.batch * p.heads_q * nqb / (4 * at::get_num_threads()), 1, max_group);
+  const int64_t ngroups = (nqb + group - 1) / group;
+  const int64_t tasks = p.batch * p.heads_q * ngroups;
   at::parallel_for(0, tasks, 1, [&](int64_t begin, int64_t end) {
-    std::vector<T> s_buf(BQ * BK), acc(BQ * D);
+    std::vector<T> s_buf(BQ * BK), acc(group * BQ * D);
     for (int64_t t = begin; t < end; ++t) {
-      const int64_t qb = t % nqb, h = (t / nqb) % p.heads_q, b = t / (nqb * p.heads_q);
+      const int64_t qg = t % ngroups, h = (t / ngroups) % p.heads_q, b = t / (ngroups * p.heads_q);
       const Seq s = seq_of(p, b);
-      const int64_t i0 = qb * BQ;
-      if (i0 >= s.len_q) continue;
-      const int64_t m = std::min(BQ, s.len_q - i0), hk = h / G;
+      const int64_t g0 = qg * group * BQ;  // first query row of the task
+      if (g0 >= s.len_q) continue;
+      const int64_t rows = std::min(group * BQ, s.len_q - g0), hk = h / G;
       const T bias = static_cast<T>(bias_of(p, s, h)), slope = slope_of(p, b, h), scale = static_cast<T>(p.scale);
-      const int64_t lo = key_lo(p, s, i0), hi = key_hi(p, s, i0 + m - 1);
-      std::fill(acc.begin(), acc.begin() + m * D, T(0));
-      const T* q_blk = q.row(b, h, s.q_row0 + i0);
+      const int64_t lo = key_lo(p, s, g0), hi = key_hi(p, s, g0 + rows - 1);
+      std::fill(acc.begin(), acc.begin() + rows * D, T(0));
       for (int64_t kb = lo / BK; kb * BK < hi; ++kb) {
-        const int64_t j0 = kb * BK, n = std::min(BK, hi - j0);
-        gemm(m, n, D, q.rs, BK, BK, false, q_blk, kt.tile(hk, b, kb), s_buf.data());
-        if (n == BK && slope == T(0) && key_lo(p, s, i0 + m - 1) <= j0 && key_hi(p, s, i0) >= j0 + n) {
-          // no mask and no ALiBi in this tile: one pass over the contiguous block
-          sigmoid_row(s_buf.data(), m * BK, 0, m * BK, scale, bias, slope, 0);
-        } else {
-          for (int64_t r = 0; r < m; ++r) {
-            const int64_t i = i0 + r;
-            const int64_t c0 = std::clamp<int64_t>(key_lo(p, s, i) - j0, 0, n);
-            const int64_t c1 = std::clamp<int64_t>(key_hi(p, s, i) - j0, 0, n);
-            sigmoid_row(s_buf.data() + r * BK, n, c0, c1, scale, bias, slope, i + s.shift - j0);
+        const int64_t j0 = kb * BK;
+        for (int64_t i0 = g0; i0 < g0 + rows; i0 += BQ) {
+          const int64_t m = std::min(BQ, g0 + rows - i0);
+          // keys of this block: [key_lo(i0), key_hi(i0 + m - 1)); skip the tile if it is outside
+          const int64_t blo = key_lo(p, s, i0), bhi = key_hi(p, s, i0 + m - 1);
+          if (j0 >= bhi || j0 + BK <= blo) continue;
+          const int64_t n = std::min(BK, bhi - j0);
+          gemm(m, n, D, q.rs, BK, BK, false, q.row(b, h, s.q_row0 + i0), kt.tile(hk, b, kb), s_buf.data());
+          if (n == BK && slope == T(0) && key_lo(p, s, i0 + m - 1) <= j0 && key_hi(p, s, i0) >= j0 + n) {
+            // no mask and no ALiBi in this tile: one pass over the contiguous block
+            sigmoid_row(s_buf.data(), m * BK, 0, m * BK, scale, bias, slope, 0);
+          } else {
+            for (int64_t r = 0; r < m; ++r) {
+              const int64_t i = i0 + r;
+              const int64_t c0 = std::clamp<int64_t>(key_lo(p, s, i) - j0, 0, n);
+              const int64_t c1 = std::clamp<int64_t>(key_hi(p, s, i) - j0, 0, n);
+              sigmoid_row(s_buf.data() + r * BK, n, c0, c1, scale, bias, slope, i + s.shift - j0);
+            }
           }
+          gemm(m, D, n, BK, v.rs, D, true, s_buf.data(), v.row(b, hk, s.k_row0 + j0), acc.data() + (i0 - g0) * D);
         }
-        gemm(m, D, n, BK, v.rs, D, true, s_buf.data(), v.row(b, hk, s.k_row0 + j0), acc.data());
       }
-      for (int64_t r = 0; r < m; ++r) {
-        const int64_t i = i0 + r;
+      for (int64_t r = 0; r < rows; ++r) {
+        const int64_t i = g0 + r;
         out_t* o = p.varlen ? out + ((s.q_row0 + i) * p.heads_q + h) * D : out + ((b * p.heads_q + h) * p.max_len_q + i) * D;
         const T* a = acc.data() + r * D;
         for (int64_t d = 0; d < D; ++d) o[d] = static_cast<out_t>(a[d]);
