@@ -59,7 +59,7 @@ struct Lane {
   ucontext_t ctx{};
   Dim3 thread_idx;
   int linear = 0;
-  bool started = false, done = false;
+  bool done = false;
   Wait wait = Wait::none;
   // the parked operands of a warp collective
   Op op = Op::none;
