@@ -301,6 +301,38 @@ def test_prefill_and_gemm_sizes(case, dtype):
     _check(case, _make_inputs(case, dtype), dtype)
 
 
+@pytest.mark.parametrize("dtype", ["bfloat16", "float16"])
+def test_low_precision_gemm_paths_agree(tmp_path, dtype):
+    """bf16/fp16 experts with many tokens run oneDNN's GEMM where the CPU multiplies that dtype
+    natively and the fp32 tiles on widened weights elsewhere (ACCEL_MOE_LOWP_GEMM forces either,
+    read once per process): both match the fp32 computation of the same rounded inputs."""
+    import os
+    import subprocess
+    import sys
+
+    script = tmp_path / "run.py"
+    script.write_text(
+        "import torch, sys\n"
+        "from accel.ops.fused_moe import fused_moe\n"
+        "g = torch.Generator().manual_seed(0)\n"
+        f"dt = torch.{dtype}\n"
+        "x = torch.randn(300, 96, generator=g).to(dt)\n"
+        "w1 = (torch.randn(4, 2 * 80, 96, generator=g) * 0.1).to(dt)\n"
+        "w2 = (torch.randn(4, 96, 80, generator=g) * 0.1).to(dt)\n"
+        "logits = torch.randn(300, 4, generator=g)\n"
+        "outs = [fused_moe(x, w1, w2, router_logits=logits, top_k=2)]\n"
+        "outs.append(fused_moe(x.float(), w1.float(), w2.float(), router_logits=logits, top_k=2))\n"
+        "torch.save(outs, sys.argv[1])\n"
+    )
+    for mode in ("aten", "widen"):
+        path = tmp_path / f"{mode}.pt"
+        env = dict(os.environ, ACCEL_MOE_LOWP_GEMM=mode, PYTHONPATH=os.pathsep.join(sys.path))
+        subprocess.run([sys.executable, str(script), str(path)], check=True, env=env)
+        low, full = torch.load(path)
+        rel = (low.float() - full).abs().max().item() / full.abs().max().item()
+        assert rel < (3e-2 if dtype == "bfloat16" else 5e-3), (mode, rel)
+
+
 # per-expert pair counts across both kernel paths (streaming for few tokens, GEMM for many)
 COUNTS = (0, 1, 2, 3, 4, 7, 8, 9, 15, 16, 17, 31, 32, 33, 63, 64, 65, 127, 128, 129)
 

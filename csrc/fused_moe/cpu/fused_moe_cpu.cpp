@@ -469,32 +469,56 @@ void stream_down_task(ForwardCtx<T>& c, int64_t e, int64_t h0, int64_t h1) {
   }
 }
 
-// GEMM tiles (fp32 only): X^T blocks of kTileT tokens were packed into xbuf (H x kTileT each).
-void gemm_up_task(ForwardCtx<float>& c, int64_t e, int64_t j0, int64_t j1) {
+// The weight rows [r0, r1) of a (rows x K) matrix as fp32: in place for fp32, else widened into
+// buf (one task's row block, 32 x K: L2-sized).
+template <typename T>
+const float* rows_fp32(const T* w, int64_t K, int64_t r0, int64_t r1, std::vector<float>& buf) {
+  if constexpr (std::is_same_v<T, float>) {
+    return w + r0 * K;
+  } else {
+    buf.resize((r1 - r0) * K);
+    cpu::convert_n(w + r0 * K, buf.data(), (r1 - r0) * K);
+    return buf.data();
+  }
+}
+
+// GEMM tiles (fp32 brgemm; bf16/fp16 weights widened per task where the CPU has no native
+// low-precision GEMM): X^T blocks of kTileT tokens were packed into xbuf (H x kTileT each).
+template <typename T>
+void gemm_up_task(ForwardCtx<T>& c, int64_t e, int64_t j0, int64_t j1) {
   const int64_t H = c.g.hidden, I = c.g.inter, n = c.count(e), s0 = c.r.offsets[e];
-  const float* w = c.w1 + e * 2 * I * H;
+  const T* w = c.w1 + e * 2 * I * H;
   const int64_t rows = j1 - j0;
+  thread_local std::vector<float> gbuf, ubuf;
+  const float* wg = rows_fp32(w, H, j0, j1, gbuf);
+  const float* wu = rows_fp32(w, H, I + j0, I + j1, ubuf);
   alignas(64) float cg[kTileN * kTileT], cu[kTileN * kTileT];
   for (int64_t tb = 0; tb * kTileT < n; ++tb) {
     const int64_t nt = std::min<int64_t>(kTileT, n - tb * kTileT);
     const float* xt = c.xbuf.data() + c.xoff[e] + tb * H * kTileT;
-    tile_gemm(rows, nt, H, H, w + j0 * H, xt, cg);
-    tile_gemm(rows, nt, H, H, w + (I + j0) * H, xt, cu);
+    tile_gemm(rows, nt, H, H, wg, xt, cg);
+    tile_gemm(rows, nt, H, H, wu, xt, cu);
     // C tiles are (features x tokens), as is the h^T block of this token tile (I x kTileT)
     float* ht = c.hbuf.data() + c.hoff[e] + tb * I * kTileT + j0 * kTileT;
-    up_epilogue<float, float>(c, s0 + tb * kTileT, nt, j0, rows, cg, cu, ht, 1, kTileT);
+    up_epilogue<T, float>(c, s0 + tb * kTileT, nt, j0, rows, cg, cu, ht, 1, kTileT);
+    if constexpr (!std::is_same_v<T, float>) {
+      // h rounded to the input dtype before the down projection, as the eager bf16/fp16 loop has it
+      for (int64_t i = 0; i < rows * kTileT; ++i) ht[i] = static_cast<float>(static_cast<T>(ht[i]));
+    }
   }
 }
 
-void gemm_down_task(ForwardCtx<float>& c, int64_t e, int64_t h0, int64_t h1) {
+template <typename T>
+void gemm_down_task(ForwardCtx<T>& c, int64_t e, int64_t h0, int64_t h1) {
   const int64_t H = c.g.hidden, I = c.g.inter, n = c.count(e), s0 = c.r.offsets[e];
-  const float* w = c.w2 + e * H * I;
   const int64_t rows = h1 - h0;
+  thread_local std::vector<float> wbuf;
+  const float* w = rows_fp32(c.w2 + e * H * I, I, h0, h1, wbuf);
   alignas(64) float cy[kTileN * kTileT];
   for (int64_t tb = 0; tb * kTileT < n; ++tb) {
     const int64_t nt = std::min<int64_t>(kTileT, n - tb * kTileT);
     const float* ht = c.hbuf.data() + c.hoff[e] + tb * I * kTileT;
-    tile_gemm(rows, nt, I, I, w + h0 * I, ht, cy);
+    tile_gemm(rows, nt, I, I, w, ht, cy);
     for (int64_t t = 0; t < nt; ++t) {
       const int64_t p = c.r.order[s0 + tb * kTileT + t];
       const float wp = c.weight(p);
@@ -540,6 +564,28 @@ void aten_expert(ForwardCtx<T>& c, int64_t e, const at::Tensor& hidden, const at
   });
 }
 
+// Whether oneDNN multiplies T natively here (AVX512-BF16 for bf16, AVX512-FP16 for fp16; AMX
+// machines have both). Without, its bf16 GEMM takes a slow path: the Mixtral T 512 bf16 forward
+// measured 1.0 s on an AVX2-only CPU against 0.24 s for fp32, so the experts run the fp32 tiles on
+// weights widened per task instead. ACCEL_MOE_LOWP_GEMM=aten / widen forces either.
+template <typename T>
+bool native_lowp_gemm() {
+  static const bool yes = [] {
+    const char* force = std::getenv("ACCEL_MOE_LOWP_GEMM");
+    if (force && std::string(force) == "aten") return true;
+    if (force && std::string(force) == "widen") return false;
+#ifdef ACCEL_HAVE_AVX512_TARGET
+    if (!cpu::cpu_has_avx512()) return false;
+    if constexpr (std::is_same_v<T, c10::BFloat16>) return cpu_has_avx512_bf16();
+    __builtin_cpu_init();
+    return static_cast<bool>(__builtin_cpu_supports("avx512fp16"));
+#else
+    return true;
+#endif
+  }();
+  return yes;
+}
+
 template <typename T>
 std::tuple<at::Tensor, at::Tensor> forward_impl(const at::Tensor& hidden, const at::Tensor& w1,
                                                 const at::Tensor& w2, const at::Tensor& weights,
@@ -566,8 +612,11 @@ std::tuple<at::Tensor, at::Tensor> forward_impl(const at::Tensor& hidden, const 
   c.ypair = ypair.data();
 
   // per expert: path and buffer offsets
-  constexpr bool kBrgemm = std::is_same_v<T, float>;
-  constexpr bool kAten = std::is_same_v<T, c10::BFloat16> || std::is_same_v<T, c10::Half>;
+  constexpr bool kLowp = std::is_same_v<T, c10::BFloat16> || std::is_same_v<T, c10::Half>;
+  constexpr bool kTiles = std::is_same_v<T, float> || kLowp;  // may run the brgemm tiles
+  // bf16/fp16 experts with many tokens: oneDNN's GEMM in that dtype where the CPU multiplies it
+  // natively, else the fp32 tiles on weights widened per task
+  const bool aten_lowp = kLowp && native_lowp_gemm<T>();
   const int64_t smax = stream_max_tokens();
   c.gemm.assign(E, 0);
   c.xoff.assign(E, 0);
@@ -577,8 +626,8 @@ std::tuple<at::Tensor, at::Tensor> forward_impl(const at::Tensor& hidden, const 
   for (int64_t e = 0; e < E; ++e) {
     const int64_t n = c.count(e);
     if (n == 0) continue;
-    if (n > smax && (kBrgemm || kAten)) c.gemm[e] = 1;
-    if (c.gemm[e] && kAten) {
+    if (n > smax && kTiles) c.gemm[e] = 1;
+    if (c.gemm[e] && aten_lowp) {
       aten_experts.push_back(e);
       continue;
     }
@@ -603,7 +652,7 @@ std::tuple<at::Tensor, at::Tensor> forward_impl(const at::Tensor& hidden, const 
   std::vector<Task> tasks;
   for (int64_t e = 0; e < E; ++e) {
     const int64_t n = c.count(e);
-    if (n == 0 || (c.gemm[e] && kAten)) continue;
+    if (n == 0 || (c.gemm[e] && aten_lowp)) continue;
     if (c.gemm[e]) {
       for (int64_t tb = 0; tb * kTileT < n; ++tb) tasks.push_back({e, tb, 0});
     } else if (!c.bf16dp) {
@@ -633,7 +682,7 @@ std::tuple<at::Tensor, at::Tensor> forward_impl(const at::Tensor& hidden, const 
   auto make_tasks = [&](int64_t features) {
     tasks.clear();
     for (int64_t e = 0; e < E; ++e) {
-      if (c.count(e) == 0 || (c.gemm[e] && kAten)) continue;
+      if (c.count(e) == 0 || (c.gemm[e] && aten_lowp)) continue;
       const int64_t step = c.gemm[e] ? kTileN : kStreamRows;
       for (int64_t f = 0; f < features; f += step) tasks.push_back({e, f, std::min(features, f + step)});
     }
@@ -641,15 +690,15 @@ std::tuple<at::Tensor, at::Tensor> forward_impl(const at::Tensor& hidden, const 
   auto run_phase = [&](bool up) {
     parallel_tasks(static_cast<int64_t>(tasks.size()), [&](int64_t i) {
       const Task& t = tasks[i];
-      if constexpr (kBrgemm) {
+      if constexpr (kTiles) {
         if (c.gemm[t.e]) {
-          up ? gemm_up_task(c, t.e, t.a, t.b) : gemm_down_task(c, t.e, t.a, t.b);
+          up ? gemm_up_task<T>(c, t.e, t.a, t.b) : gemm_down_task<T>(c, t.e, t.a, t.b);
           return;
         }
       }
       up ? stream_up_task<T>(c, t.e, t.a, t.b) : stream_down_task<T>(c, t.e, t.a, t.b);
     });
-    if constexpr (kBrgemm) {
+    if constexpr (kTiles) {
       at::parallel_for(0, at::get_num_threads(), 1, [](int64_t, int64_t) {
         at::native::cpublas::brgemm_release(false);
       });
@@ -659,9 +708,7 @@ std::tuple<at::Tensor, at::Tensor> forward_impl(const at::Tensor& hidden, const 
   run_phase(true);
   make_tasks(H);
   run_phase(false);
-  if constexpr (kAten) {
-    for (const int64_t e : aten_experts) aten_expert<T>(c, e, hidden, w1, w2);
-  }
+  for (const int64_t e : aten_experts) aten_expert<T>(c, e, hidden, w1, w2);
 
   // phase 3: combine each token's k rows, in slot order
   T* o = out.mutable_data_ptr<T>();
