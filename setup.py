@@ -70,6 +70,17 @@ def pip_cuda_include_dirs():
     return dirs
 
 
+def cuda_header_dir():
+    """A folder with the CUDA runtime headers for host-compiled code (the CUDA emulator tests):
+    the toolkit's include, else pip's nvidia headers; None if neither is complete."""
+    home = find_cuda_home()
+    for inc in ([os.path.join(home, "include")] if home else []) + pip_cuda_include_dirs():
+        if all(os.path.isfile(os.path.join(inc, h))
+               for h in ("cuda_runtime.h", "cuda_bf16.h", "cuda_fp16.h", "crt/host_defines.h")):
+            return inc
+    return None
+
+
 def resolve_cuda():
     mode = os.environ.get("ACCEL_CUDA", "auto").lower()
     if mode in ("0", "off", "false", "no"):

@@ -12,7 +12,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import torch  # noqa: E402
 import torch.utils  # noqa: E402
 
-from setup import find_cuda_home, pip_cuda_include_dirs  # noqa: E402
+from setup import cuda_header_dir, find_cuda_home, pip_cuda_include_dirs  # noqa: E402
 
 print(f"TORCH_CMAKE_PREFIX={torch.utils.cmake_prefix_path}")
 if torch.version.cuda:
@@ -28,10 +28,7 @@ if torch.version.cuda:
             print(f"CUDA_nvrtc_LIBRARY={libs[0]}")
             break
 
-# Headers for the CUDA emulator tests (host-compiled kernels, no GPU, no cudart): the toolkit's,
-# else pip's nvidia runtime headers.
-header_dirs = ([os.path.join(find_cuda_home(), "include")] if find_cuda_home() else []) + pip_cuda_include_dirs()
-for inc in header_dirs:
-    if all(os.path.isfile(os.path.join(inc, h)) for h in ("cuda_runtime.h", "cuda_bf16.h", "cuda_fp16.h", "crt/host_defines.h")):
-        print(f"ACCEL_CUDA_HEADERS={inc}")
-        break
+# Headers for the CUDA emulator tests (host-compiled kernels, no GPU, no cudart)
+emu_headers = cuda_header_dir()
+if emu_headers:
+    print(f"ACCEL_CUDA_HEADERS={emu_headers}")

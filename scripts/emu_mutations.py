@@ -26,13 +26,12 @@ TEST = os.path.join(ROOT, "tests", "cpp", "test_sigmoid_attention_cuda_emu.cpp")
 
 def find_cuda_include():
     sys.path.insert(0, ROOT)
-    from setup import find_cuda_home, pip_cuda_include_dirs  # noqa: E402
+    from setup import cuda_header_dir  # noqa: E402
 
-    home = find_cuda_home()
-    for inc in ([os.path.join(home, "include")] if home else []) + pip_cuda_include_dirs():
-        if os.path.isfile(os.path.join(inc, "cuda_runtime.h")):
-            return inc
-    raise SystemExit("no CUDA headers found (pass --cuda-include)")
+    inc = cuda_header_dir()
+    if inc is None:
+        raise SystemExit("no CUDA headers found (pass --cuda-include)")
+    return inc
 
 
 def mutants():

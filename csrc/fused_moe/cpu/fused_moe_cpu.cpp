@@ -14,8 +14,9 @@
 // bandwidth. An expert with many tokens runs tiles on brgemm in the transposed orientation,
 // C^T (features x tokens) = W (features x K) X^T (K x tokens): the weights are read in place as
 // the A operand (no packing of the big matrix), and only the small activation block is
-// transposed. bf16/fp16 experts with many tokens use ATen's matmul instead (oneDNN's bf16
-// kernels), with the activation, routing weight and combine still fused here.
+// transposed. bf16/fp16 experts with many tokens use ATen's matmul instead (oneDNN's bf16/fp16
+// kernels) where the CPU multiplies that dtype natively, with the activation, routing weight and
+// combine still fused here; elsewhere they run the fp32 tiles on weights widened per task.
 //
 // Backward: per expert, ATen GEMMs on gathered rows (see fused_moe.h for the maths), the
 // activation derivative and d topk_weights fused in between, d hidden accumulated in fp32.

@@ -115,7 +115,9 @@ __device__ __forceinline__ bool allowed(const Params& p, const SeqInfo& s, int o
 }
 
 // Keys [lo, hi) that query row i may attend to (none when i >= len_q): allowed(p, s, offset, i, j)
-// == (lo <= j < hi).
+// == (lo <= j < hi). key_range(.., i, i, ..) gives the same for i < len_q, but its extra clamps
+// cost the forward registers (ptxas: an 8-byte spill in one head-dim bucket on sm_90), hence this
+// one-row form.
 __device__ __forceinline__ void row_key_range(const Params& p, const SeqInfo& s, int offset, int i, int& lo,
                                               int& hi) {
   if (i >= s.len_q) {
