@@ -301,36 +301,52 @@ def test_prefill_and_gemm_sizes(case, dtype):
     _check(case, _make_inputs(case, dtype), dtype)
 
 
+def _cpu_flags() -> set:
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("flags"):
+                    return set(line.split(":", 1)[1].split())
+    except OSError:
+        pass
+    return set()
+
+
 @pytest.mark.parametrize("dtype", ["bfloat16", "float16"])
-def test_low_precision_gemm_paths_agree(tmp_path, dtype):
-    """bf16/fp16 experts with many tokens run oneDNN's GEMM where the CPU multiplies that dtype
-    natively and the fp32 tiles on widened weights elsewhere (ACCEL_MOE_LOWP_GEMM forces either,
-    read once per process): both match the fp32 computation of the same rounded inputs."""
+@pytest.mark.parametrize("mode", ["aten", "widen", "tiles"])
+@pytest.mark.parametrize("sizes", [(96, 80), (97, 81)], ids=["H96-I80", "H97-I81"])
+def test_low_precision_gemm_paths_agree(tmp_path, dtype, mode, sizes):
+    """bf16/fp16 experts with many tokens run accel's bf16 tiles (AVX512-BF16 without AMX), oneDNN's
+    GEMM (AMX, AVX512-FP16) or the fp32 tiles on widened weights (elsewhere); ACCEL_MOE_LOWP_GEMM
+    forces one, read once per process. Each matches the fp32 computation of the same rounded inputs,
+    odd sizes (a K with a lone last element) included."""
     import os
     import subprocess
     import sys
 
+    if mode == "tiles" and (dtype != "bfloat16" or "avx512_bf16" not in _cpu_flags()):
+        pytest.skip("the bf16 tiles need bf16 and a CPU with AVX512-BF16")
+    H, I = sizes
     script = tmp_path / "run.py"
     script.write_text(
         "import torch, sys\n"
         "from accel.ops.fused_moe import fused_moe\n"
         "g = torch.Generator().manual_seed(0)\n"
         f"dt = torch.{dtype}\n"
-        "x = torch.randn(300, 96, generator=g).to(dt)\n"
-        "w1 = (torch.randn(4, 2 * 80, 96, generator=g) * 0.1).to(dt)\n"
-        "w2 = (torch.randn(4, 96, 80, generator=g) * 0.1).to(dt)\n"
+        f"x = torch.randn(300, {H}, generator=g).to(dt)\n"
+        f"w1 = (torch.randn(4, 2 * {I}, {H}, generator=g) * 0.1).to(dt)\n"
+        f"w2 = (torch.randn(4, {H}, {I}, generator=g) * 0.1).to(dt)\n"
         "logits = torch.randn(300, 4, generator=g)\n"
         "outs = [fused_moe(x, w1, w2, router_logits=logits, top_k=2)]\n"
         "outs.append(fused_moe(x.float(), w1.float(), w2.float(), router_logits=logits, top_k=2))\n"
         "torch.save(outs, sys.argv[1])\n"
     )
-    for mode in ("aten", "widen"):
-        path = tmp_path / f"{mode}.pt"
-        env = dict(os.environ, ACCEL_MOE_LOWP_GEMM=mode, PYTHONPATH=os.pathsep.join(sys.path))
-        subprocess.run([sys.executable, str(script), str(path)], check=True, env=env)
-        low, full = torch.load(path)
-        rel = (low.float() - full).abs().max().item() / full.abs().max().item()
-        assert rel < (3e-2 if dtype == "bfloat16" else 5e-3), (mode, rel)
+    path = tmp_path / f"{mode}.pt"
+    env = dict(os.environ, ACCEL_MOE_LOWP_GEMM=mode, PYTHONPATH=os.pathsep.join(sys.path))
+    subprocess.run([sys.executable, str(script), str(path)], check=True, env=env)
+    low, full = torch.load(path)
+    rel = (low.float() - full).abs().max().item() / full.abs().max().item()
+    assert rel < (3e-2 if dtype == "bfloat16" else 5e-3), (mode, rel)
 
 
 # per-expert pair counts across both kernel paths (streaming for few tokens, GEMM for many)

@@ -23,6 +23,7 @@ namespace {
 
 constexpr size_t kHugePage = size_t(2) << 20;
 constexpr size_t kMinPooledBytes = size_t(8) << 20;
+constexpr size_t kMinPooledWorkspace = size_t(1) << 20;
 
 // Default: a quarter of physical memory, at most 4 GiB; enough to keep a training step's
 // activations of a long-sequence TCN between steps on a workstation.
@@ -140,6 +141,14 @@ at::Tensor empty_for_streaming(at::IntArrayRef sizes, const at::TensorOptions& o
   if (!options.device().is_cpu() || nbytes < kMinPooledBytes) return at::empty(sizes, options);
   return at::detail::empty_generic(sizes, &BlockCache::instance(), c10::DispatchKeySet(c10::DispatchKey::CPU),
                                    c10::typeMetaToScalarType(options.dtype()), c10::nullopt);
+}
+
+at::Tensor empty_workspace(int64_t nbytes) {
+  TORCH_CHECK(nbytes >= 0, "accel: workspace size must be >= 0, got ", nbytes);
+  const auto opts = at::TensorOptions().dtype(at::kByte);
+  if (size_t(nbytes) < kMinPooledWorkspace) return at::empty({nbytes}, opts);
+  return at::detail::empty_generic({nbytes}, &BlockCache::instance(), c10::DispatchKeySet(c10::DispatchKey::CPU),
+                                   at::kByte, c10::nullopt);
 }
 
 CpuCacheStats cpu_cache_stats() { return BlockCache::instance().stats(); }

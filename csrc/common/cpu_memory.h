@@ -18,6 +18,11 @@ namespace accel {
 // 4 GiB); 0 disables caching (huge pages are still used). Smaller outputs use at::empty.
 at::Tensor empty_for_streaming(at::IntArrayRef sizes, const at::TensorOptions& options);
 
+// A kernel's scratch space, `nbytes` uninitialised bytes that live until the tensor is dropped
+// (usually when the call returns). From 1 MiB up it comes from the same block cache, so a kernel
+// called in a loop does not fault its workspace in again on every call.
+at::Tensor empty_workspace(int64_t nbytes);
+
 struct CpuCacheStats {
   int64_t cached_bytes;   // free blocks held for reuse
   int64_t in_use_bytes;   // blocks owned by live tensors

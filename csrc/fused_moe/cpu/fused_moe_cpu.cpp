@@ -42,8 +42,10 @@
 #include "common/activation.h"
 #include "common/checks.h"
 #include "common/cpu_isa.h"
+#include "common/cpu_memory.h"
 #include "common/cpu_vec.h"
 #include "common/env.h"
+#include "fused_moe/cpu/bf16_tiles.h"
 #include "fused_moe/fused_moe.h"
 
 namespace accel::fused_moe {
@@ -235,17 +237,6 @@ ACCEL_AVX512_TARGET void dot_rows_avx512(const T* w, int64_t K, int64_t r0, int6
 // fp32 lanes, so a weight row is consumed straight from memory (no widening), one instruction per
 // 32 weights and token. Activations: token t's row at x[t] (bf16; the hidden row itself for the
 // up projection, h rounded to bf16 for the down projection, as the eager bf16 loop rounds it).
-#define ACCEL_AVX512BF16_TARGET __attribute__((target("avx512f,avx512dq,avx512vl,avx512bw,avx512bf16")))
-
-bool cpu_has_avx512_bf16() {
-  static const bool yes = [] {
-    if (!cpu::cpu_has_avx512()) return false;
-    const char* isa = std::getenv("ACCEL_CPU_ISA");
-    if (isa && std::string(isa) == "avx512") return false;  // AVX-512 without the BF16 extension
-    return static_cast<bool>(__builtin_cpu_supports("avx512bf16"));
-  }();
-  return yes;
-}
 
 template <int NT>
 ACCEL_AVX512BF16_TARGET void dot_rows_bf16dp(const c10::BFloat16* w, int64_t K, int64_t r0, int64_t r1,
@@ -292,7 +283,7 @@ void dot_rows_bf16dp_n(const c10::BFloat16* w, int64_t K, int64_t r0, int64_t r1
 template <typename T>
 bool use_bf16dp() {
 #ifdef ACCEL_HAVE_AVX512_TARGET
-  if constexpr (std::is_same_v<T, c10::BFloat16>) return cpu_has_avx512_bf16();
+  if constexpr (std::is_same_v<T, c10::BFloat16>) return bf16_tiles::cpu_supported();
 #endif
   return false;
 }
@@ -360,6 +351,24 @@ inline void scale_n(const acc_t* x, acc_t w, acc_t* y, int64_t n) {
 
 // ------------------------------------------------------------------ forward
 
+// How an expert's tokens run: none routed; streaming its weight rows (few tokens); the fp32 brgemm
+// tiles (fp32, or bf16/fp16 weights widened per task); the bf16 tiles; oneDNN per expert.
+enum class Path : uint8_t { kNone, kStream, kTiles, kBf16Tiles, kAten };
+
+// Uninitialised scratch of n elements (every element a kernel reads was written first; padding
+// columns of the GEMM blocks hold garbage only in output columns that are never read), from the
+// CPU block cache so that calls in a loop do not fault it in again.
+template <typename U>
+struct Workspace {
+  at::Tensor storage;
+  U* ptr = nullptr;
+  void resize(int64_t n) {
+    storage = empty_workspace(n * static_cast<int64_t>(sizeof(U)));
+    ptr = reinterpret_cast<U*>(storage.data_ptr());
+  }
+  U* data() const { return ptr; }
+};
+
 template <typename T>
 struct ForwardCtx {
   using acc_t = at::opmath_type<T>;
@@ -372,11 +381,12 @@ struct ForwardCtx {
   const float* wf = nullptr;  // routing weights, float32 (T k) ...
   const T* wt = nullptr;      // ... or in the hidden dtype
   T* cache = nullptr;         // (T k, 2I) or null
-  std::vector<char> gemm;     // per expert: runs the GEMM tiles (else streams)
-  std::vector<int64_t> xoff, hoff;  // per expert: offsets into xbuf / hbuf (elements)
-  std::vector<acc_t> xbuf;    // streaming: (n, H) rows; GEMM: (H x kTileT) blocks of X^T
-  std::vector<acc_t> hbuf;    // streaming: (n, I) rows; GEMM: (I x kTileT) blocks of H^T
-  std::vector<T> hlow;        // bf16 dot-product path: the streaming experts' h rows in T
+  std::vector<Path> path;     // per expert
+  std::vector<int64_t> xoff, hoff;  // per expert: offsets into the buffers of its path (elements)
+  Workspace<acc_t> xbuf;      // kStream: (n, H) rows; kTiles: (H x kTileT) blocks of X^T
+  Workspace<acc_t> hbuf;      // kStream: (n, I) rows; kTiles: (I x kTileT) blocks of H^T
+  Workspace<T> hlow;          // kStream with the bf16 dot products: h rows in T (x is read in place)
+  Workspace<T> xpack, hpack;  // kBf16Tiles: the expert's X and h, packed (bf16_tiles.h)
   bool bf16dp = false;
   acc_t* ypair = nullptr;     // (T k, H): routing weight x expert output, per pair
 
@@ -529,6 +539,60 @@ void gemm_down_task(ForwardCtx<T>& c, int64_t e, int64_t h0, int64_t h1) {
   }
 }
 
+// bf16 tiles (bf16_tiles.h): X packed per expert in phase 0, h packed by the up tasks for the down
+// projection. C blocks are (features x padded tokens).
+template <typename T>
+void bf16_pack_task(ForwardCtx<T>& c, int64_t e, int64_t panel) {
+  if constexpr (std::is_same_v<T, c10::BFloat16>) {
+    const int64_t H = c.g.hidden, n = c.count(e), s0 = c.r.offsets[e], t0 = panel * bf16_tiles::kPanel;
+    const int64_t cnt = std::min(bf16_tiles::kPanel, n - t0);
+    const T* rows[bf16_tiles::kPanel];
+    for (int64_t t = 0; t < cnt; ++t) rows[t] = c.x + c.token(s0 + t0 + t) * H;
+    bf16_tiles::pack_panel(rows, cnt, bf16_tiles::panel_width(n, panel), H,
+                           c.xpack.data() + c.xoff[e] + bf16_tiles::panel_offset(panel, H));
+  }
+}
+
+template <typename T>
+void bf16_up_task(ForwardCtx<T>& c, int64_t e, int64_t j0, int64_t j1) {
+  if constexpr (std::is_same_v<T, c10::BFloat16>) {
+    const int64_t H = c.g.hidden, I = c.g.inter, n = c.count(e), s0 = c.r.offsets[e];
+    const int64_t rows = j1 - j0, ld = bf16_tiles::padded(n);
+    const T* w = c.w1 + e * 2 * I * H;
+    thread_local std::vector<float> cg, cu, hv;
+    cg.resize(rows * ld);
+    cu.resize(rows * ld);
+    hv.resize(rows * ld);
+    const T* xp = c.xpack.data() + c.xoff[e];
+    bf16_tiles::gemm(w + j0 * H, H, rows, H, xp, n, cg.data(), ld);
+    bf16_tiles::gemm(w + (I + j0) * H, H, rows, H, xp, n, cu.data(), ld);
+    up_epilogue<T, float>(c, s0, n, j0, rows, cg.data(), cu.data(), hv.data(), 1, ld);
+    // h rounded to bf16 (as the eager bf16 loop has it), packed by feature pairs; j0 is even
+    T* hp = c.hpack.data() + c.hoff[e];
+    for (int64_t i = 0; i < rows; i += 2) {
+      const float* second = i + 1 < rows ? hv.data() + (i + 1) * ld : nullptr;
+      bf16_tiles::pack_feature_pair(hv.data() + i * ld, second, n, I, j0 + i, hp);
+    }
+  }
+}
+
+template <typename T>
+void bf16_down_task(ForwardCtx<T>& c, int64_t e, int64_t h0, int64_t h1) {
+  if constexpr (std::is_same_v<T, c10::BFloat16>) {
+    const int64_t H = c.g.hidden, I = c.g.inter, n = c.count(e), s0 = c.r.offsets[e];
+    const int64_t rows = h1 - h0, ld = bf16_tiles::padded(n);
+    thread_local std::vector<float> cy;
+    cy.resize(rows * ld);
+    bf16_tiles::gemm(c.w2 + e * H * I + h0 * I, I, rows, I, c.hpack.data() + c.hoff[e], n, cy.data(), ld);
+    for (int64_t t = 0; t < n; ++t) {
+      const int64_t p = c.r.order[s0 + t];
+      const float wp = c.weight(p);
+      float* y = c.ypair + p * H + h0;
+      for (int64_t i = 0; i < rows; ++i) y[i] = wp * cy[i * ld + t];
+    }
+  }
+}
+
 // bf16/fp16 experts with many tokens: ATen matmul (oneDNN) per expert, run one after another
 // (each GEMM is itself parallel), the activation and the weighted scatter fused here.
 template <typename T>
@@ -565,26 +629,40 @@ void aten_expert(ForwardCtx<T>& c, int64_t e, const at::Tensor& hidden, const at
   });
 }
 
-// Whether oneDNN multiplies T natively here (AVX512-BF16 for bf16, AVX512-FP16 for fp16; AMX
-// machines have both). Without, its bf16 GEMM takes a slow path: the Mixtral T 512 bf16 forward
-// measured 1.0 s on an AVX2-only CPU against 0.24 s for fp32, so the experts run the fp32 tiles on
-// weights widened per task instead. ACCEL_MOE_LOWP_GEMM=aten / widen forces either.
+// How bf16/fp16 experts with many tokens multiply.
+//  - kBf16Tiles: accel's bf16 tiles (bf16_tiles.h) on CPUs with AVX512-BF16 but no AMX: about 1.2x
+//    oneDNN's bf16 GEMM at Mixtral's shapes, which packs the weights on every call.
+//  - kAten: oneDNN's GEMM in that dtype where it runs on AMX (bf16) or AVX512-FP16 (fp16).
+//  - kWiden: the fp32 tiles on weights widened per task, everywhere else: without native support
+//    oneDNN's bf16 GEMM takes a slow path (the Mixtral T 512 bf16 forward measured 1.0 s on an
+//    AVX2-only CPU against 0.24 s for fp32).
+// ACCEL_MOE_LOWP_GEMM=tiles / aten / widen forces one (tiles only where the CPU has AVX512-BF16,
+// and for bf16).
+enum class LowpGemm { kBf16Tiles, kAten, kWiden };
+
 template <typename T>
-bool native_lowp_gemm() {
-  static const bool yes = [] {
+LowpGemm lowp_gemm() {
+  static const LowpGemm path = [] {
+    constexpr bool kBf16 = std::is_same_v<T, c10::BFloat16>;
+    const bool tiles_ok = kBf16 && bf16_tiles::cpu_supported();
     const char* force = std::getenv("ACCEL_MOE_LOWP_GEMM");
-    if (force && std::string(force) == "aten") return true;
-    if (force && std::string(force) == "widen") return false;
+    const std::string f = force ? force : "";
+    if (f == "aten") return LowpGemm::kAten;
+    if (f == "widen") return LowpGemm::kWiden;
+    if (f == "tiles" && tiles_ok) return LowpGemm::kBf16Tiles;
 #ifdef ACCEL_HAVE_AVX512_TARGET
-    if (!cpu::cpu_has_avx512()) return false;
-    if constexpr (std::is_same_v<T, c10::BFloat16>) return cpu_has_avx512_bf16();
-    __builtin_cpu_init();
-    return static_cast<bool>(__builtin_cpu_supports("avx512fp16"));
+    if (kBf16 && cpu::cpu_has_amx_bf16()) return LowpGemm::kAten;
+    if (tiles_ok) return LowpGemm::kBf16Tiles;
+    if (!kBf16 && cpu::cpu_has_avx512()) {
+      __builtin_cpu_init();
+      if (__builtin_cpu_supports("avx512fp16")) return LowpGemm::kAten;
+    }
+    return LowpGemm::kWiden;
 #else
-    return true;
+    return LowpGemm::kAten;
 #endif
   }();
-  return yes;
+  return path;
 }
 
 template <typename T>
@@ -609,61 +687,84 @@ std::tuple<at::Tensor, at::Tensor> forward_impl(const at::Tensor& hidden, const 
     c.wt = weights.const_data_ptr<T>();
   }
   c.cache = save_cache ? cache.mutable_data_ptr<T>() : nullptr;
-  std::vector<acc_t> ypair(static_cast<size_t>(P) * H);
+  Workspace<acc_t> ypair;  // every pair's row is written by its expert's down tasks
+  ypair.resize(P * H);
   c.ypair = ypair.data();
 
   // per expert: path and buffer offsets
   constexpr bool kLowp = std::is_same_v<T, c10::BFloat16> || std::is_same_v<T, c10::Half>;
-  constexpr bool kTiles = std::is_same_v<T, float> || kLowp;  // may run the brgemm tiles
-  // bf16/fp16 experts with many tokens: oneDNN's GEMM in that dtype where the CPU multiplies it
-  // natively, else the fp32 tiles on weights widened per task
-  const bool aten_lowp = kLowp && native_lowp_gemm<T>();
+  constexpr bool kGemm = std::is_same_v<T, float> || kLowp;  // experts with many tokens run GEMMs
+  const LowpGemm lowp = kLowp ? lowp_gemm<T>() : LowpGemm::kWiden;
+  const Path many = !kLowp ? Path::kTiles
+                    : lowp == LowpGemm::kAten ? Path::kAten
+                    : lowp == LowpGemm::kBf16Tiles ? Path::kBf16Tiles
+                                                   : Path::kTiles;
   const int64_t smax = stream_max_tokens();
-  c.gemm.assign(E, 0);
+  c.bf16dp = use_bf16dp<T>();
+  c.path.assign(E, Path::kNone);
   c.xoff.assign(E, 0);
   c.hoff.assign(E, 0);
-  int64_t xsize = 0, hsize = 0;
+  int64_t xsize = 0, hsize = 0, lsize = 0, xpsize = 0, hpsize = 0;
   std::vector<int64_t> aten_experts;
+  bool any_tiles = false;
   for (int64_t e = 0; e < E; ++e) {
     const int64_t n = c.count(e);
     if (n == 0) continue;
-    if (n > smax && kTiles) c.gemm[e] = 1;
-    if (c.gemm[e] && aten_lowp) {
+    const Path path = kGemm && n > smax ? many : Path::kStream;
+    c.path[e] = path;
+    if (path == Path::kStream && c.bf16dp) {  // x read in place, h kept in T
+      c.hoff[e] = lsize;
+      lsize += n * I;
+    } else if (path == Path::kStream || path == Path::kTiles) {
+      const int64_t cap = path == Path::kTiles ? (n + kTileT - 1) / kTileT * kTileT : n;
+      c.xoff[e] = xsize;
+      c.hoff[e] = hsize;
+      xsize += cap * H;
+      hsize += cap * I;
+      any_tiles |= path == Path::kTiles;
+    } else if (path == Path::kBf16Tiles) {
+      c.xoff[e] = xpsize;
+      c.hoff[e] = hpsize;
+      xpsize += bf16_tiles::packed_size(n, H);
+      hpsize += bf16_tiles::packed_size(n, I);
+    } else {
       aten_experts.push_back(e);
-      continue;
     }
-    const int64_t cap = c.gemm[e] ? (n + kTileT - 1) / kTileT * kTileT : n;
-    c.xoff[e] = xsize;
-    c.hoff[e] = hsize;
-    xsize += cap * H;
-    hsize += cap * I;
   }
-  c.bf16dp = use_bf16dp<T>();
-  if (c.bf16dp) {
-    c.hlow.resize(hsize);  // streaming experts read x in place and h from here
-  } else {
-    c.xbuf.resize(xsize);
-    c.hbuf.resize(hsize);
-  }
+  c.xbuf.resize(xsize);
+  c.hbuf.resize(hsize);
+  c.hlow.resize(lsize);
+  c.xpack.resize(xpsize);
+  c.hpack.resize(hpsize);
 
-  // phase 0: gather the tokens (widened to acc_t): rows for streaming, X^T blocks for GEMMs
+  // phase 0: gather the tokens: widened rows for streaming (unless x is read in place), X^T blocks
+  // for the fp32 tiles, packed panels for the bf16 tiles
   struct Task {
     int64_t e, a, b;
   };
   std::vector<Task> tasks;
   for (int64_t e = 0; e < E; ++e) {
     const int64_t n = c.count(e);
-    if (n == 0 || (c.gemm[e] && aten_lowp)) continue;
-    if (c.gemm[e]) {
-      for (int64_t tb = 0; tb * kTileT < n; ++tb) tasks.push_back({e, tb, 0});
-    } else if (!c.bf16dp) {
-      tasks.push_back({e, 0, n});
+    switch (c.path[e]) {
+      case Path::kTiles:
+        for (int64_t tb = 0; tb * kTileT < n; ++tb) tasks.push_back({e, tb, 0});
+        break;
+      case Path::kBf16Tiles:
+        for (int64_t p = 0; p < bf16_tiles::panels(n); ++p) tasks.push_back({e, p, 0});
+        break;
+      case Path::kStream:
+        if (!c.bf16dp) tasks.push_back({e, 0, n});
+        break;
+      default:
+        break;
     }
   }
   parallel_tasks(static_cast<int64_t>(tasks.size()), [&](int64_t i) {
     const Task& t = tasks[i];
     const int64_t s0 = r.offsets[t.e];
-    if (c.gemm[t.e]) {
+    if (c.path[t.e] == Path::kBf16Tiles) {
+      bf16_pack_task<T>(c, t.e, t.a);
+    } else if (c.path[t.e] == Path::kTiles) {
       const int64_t n = c.count(t.e), m0 = t.a * kTileT, nt = std::min<int64_t>(kTileT, n - m0);
       acc_t* xt = c.xbuf.data() + c.xoff[t.e] + t.a * H * kTileT;
       for (int64_t m = 0; m < nt; ++m) {
@@ -679,27 +780,30 @@ std::tuple<at::Tensor, at::Tensor> forward_impl(const at::Tensor& hidden, const 
     }
   });
 
-  // phase 1: up projections; phase 2: down projections (features split into tasks)
+  // phase 1: up projections; phase 2: down projections (features split into tasks of 32)
+  static_assert(kTileN == kStreamRows, "one feature split for both paths");
   auto make_tasks = [&](int64_t features) {
     tasks.clear();
     for (int64_t e = 0; e < E; ++e) {
-      if (c.count(e) == 0 || (c.gemm[e] && aten_lowp)) continue;
-      const int64_t step = c.gemm[e] ? kTileN : kStreamRows;
-      for (int64_t f = 0; f < features; f += step) tasks.push_back({e, f, std::min(features, f + step)});
+      if (c.path[e] == Path::kNone || c.path[e] == Path::kAten) continue;
+      for (int64_t f = 0; f < features; f += kTileN) tasks.push_back({e, f, std::min(features, f + kTileN)});
     }
   };
   auto run_phase = [&](bool up) {
     parallel_tasks(static_cast<int64_t>(tasks.size()), [&](int64_t i) {
       const Task& t = tasks[i];
-      if constexpr (kTiles) {
-        if (c.gemm[t.e]) {
-          up ? gemm_up_task<T>(c, t.e, t.a, t.b) : gemm_down_task<T>(c, t.e, t.a, t.b);
-          return;
-        }
+      switch (c.path[t.e]) {
+        case Path::kBf16Tiles:
+          up ? bf16_up_task<T>(c, t.e, t.a, t.b) : bf16_down_task<T>(c, t.e, t.a, t.b);
+          break;
+        case Path::kTiles:
+          if constexpr (kGemm) up ? gemm_up_task<T>(c, t.e, t.a, t.b) : gemm_down_task<T>(c, t.e, t.a, t.b);
+          break;
+        default:
+          up ? stream_up_task<T>(c, t.e, t.a, t.b) : stream_down_task<T>(c, t.e, t.a, t.b);
       }
-      up ? stream_up_task<T>(c, t.e, t.a, t.b) : stream_down_task<T>(c, t.e, t.a, t.b);
     });
-    if constexpr (kTiles) {
+    if (any_tiles) {
       at::parallel_for(0, at::get_num_threads(), 1, [](int64_t, int64_t) {
         at::native::cpublas::brgemm_release(false);
       });
