@@ -17,7 +17,10 @@ outputs/gradients of accel are checked against eager's.
 
 Bandwidth: decode is bound by reading the routed experts' weights. Forward cases report accel's
 GB/s over the bytes of the distinct experts the ids route to (``3 I H`` elements each) as a
-fraction of the machine's read bandwidth, measured once per run (:func:`harness.read_bandwidth`).
+fraction of the machine's read bandwidth: that of a read-only reduction over as many bytes, timed in
+the same rounds (median against median; against its fastest round too), and, for reference, the
+once-per-run measurement over 512 MiB (:func:`harness.read_bandwidth`), which this VM's drift can
+leave far from the case's conditions.
 So that a call does not find its weights in the last-level cache where the previous call (of any
 implementation) left them, forward cases whose routed weights are small cycle through a few
 identical copies of the expert weights, one per call, as successive layers of a model would.
@@ -51,6 +54,7 @@ QUICK_BATCHED_MM_PAIRS = 16
 # forward cases cycle weight copies until the routed bytes of one cycle reach this (cold caches)
 COLD_BYTES = {"cpu": 256 * 1024 ** 2, "cuda": 512 * 1024 ** 2}
 MAX_COPIES = 8
+READ_ROW = 16384  # floats per row of the read yardstick's row-wise amax
 COPIES_MEMORY = {"cpu": 2 * GiB, "cuda": 8 * GiB}  # at most this much memory in weight copies
 
 
@@ -137,8 +141,13 @@ def _experts_module(impl: str, w1: nn.Parameter, w2: nn.Parameter, k: int) -> nn
     return m
 
 
+def read_ref_bytes(touched_bytes: int) -> int:
+    """Bytes the read yardstick reduces: the routed weights' bytes, down to whole rows of READ_ROW floats."""
+    return touched_bytes // (4 * READ_ROW) * (4 * READ_ROW)
+
+
 def build_moe(*, T: int, H: int, I: int, E: int, k: int, mode: str, device: str, dtype: str,
-              peers: Tuple[str, ...] = PEERS, copies: int = 1, seed: int = 0) -> Setup:
+              peers: Tuple[str, ...] = PEERS, copies: int = 1, seed: int = 0, read_bytes: int = 0) -> Setup:
     from accel.ops.fused_moe import fused_moe
 
     # the ids come from a top-k over the E experts: no host-side range check (a device sync on CUDA)
@@ -188,6 +197,18 @@ def build_moe(*, T: int, H: int, I: int, E: int, k: int, mode: str, device: str,
     fns = {"accel": accel_fn}
     fns.update({p: peer_fn(p) for p in peers})
     if mode == "fwd":
+        if read_bytes:
+            # the read yardstick: a read-only reduction (row amax, fp32) over as many bytes as accel
+            # must read, cycling through as many buffers as there are weight copies (so that it reads
+            # memory no call of the previous round read either), timed in the same rounds
+            bufs = [torch.ones(read_bytes // (4 * READ_ROW), READ_ROW, device=device) for _ in range(copies)]
+            at = [0]
+
+            def read_fn():
+                b = bufs[at[0]]
+                at[0] = (at[0] + 1) % len(bufs)
+                return b.amax(1)
+            fns[READ_BW] = read_fn
         return no_grad_setup(fns)
 
     x.requires_grad_(True)
@@ -242,14 +263,16 @@ def cases(args) -> List[Case]:
             copies = weight_copies(n * expert_bytes, E * expert_bytes, device, mode)
             if copies > 1:
                 notes.append(f"{copies} weight copies cycled")
+            rbytes = read_ref_bytes(n * expert_bytes) if mode == "fwd" else 0
             params = dict(T=T, H=H, I=I, E=E, k=k, mode=mode, device=device, dtype=dtype, peers=tuple(peers),
-                          copies=copies)
+                          copies=copies, read_bytes=rbytes)
             check = ("eager",) if "eager" in peers else ((FALLBACK_PEER,) if FALLBACK_PEER in peers else ())
             out.append(Case(
                 op="moe", group=group, name=f"T{T} ({n}/{E} experts)", mode=mode, builder=build_moe,
                 params=params, peers=tuple(peers), check=check, tol=_tol(dtype, mode),
-                bw_bytes=n * expert_bytes if mode == "fwd" else None, bw_ref=READ_BW if mode == "fwd" else None,
-                warm_params=dict(params, T=min(T, 4), copies=1),
+                aux=(READ_BW,) if rbytes else (), bw_bytes=n * expert_bytes if mode == "fwd" else None,
+                bw_ref=READ_BW if mode == "fwd" else None, bw_ref_bytes=rbytes or None,
+                warm_params=dict(params, T=min(T, 4), copies=1, read_bytes=0),
                 note="; ".join(([] if out else [base_note]) + notes),
             ))
     return out

@@ -75,12 +75,19 @@ inline void tile_gemm(int64_t rows, int64_t nt, int64_t K, int64_t lda, const fl
   }
 }
 
-// Runs fn(i) for i in [0, n) on the intra-op threads, each thread taking the next index.
+// Runs fn(i) for i in [0, n) on the intra-op threads: each thread taking the next index, or, when
+// `contiguous` (tasks of equal cost over consecutive memory), one contiguous run of indices each.
 template <typename F>
-void parallel_tasks(int64_t n, const F& fn) {
+void parallel_tasks(int64_t n, bool contiguous, const F& fn) {
   if (n <= 0) return;
   if (n == 1 || at::get_num_threads() == 1 || at::in_parallel_region()) {
     for (int64_t i = 0; i < n; ++i) fn(i);
+    return;
+  }
+  if (contiguous) {
+    at::parallel_for(0, n, 1, [&](int64_t b, int64_t e) {
+      for (int64_t i = b; i < e; ++i) fn(i);
+    });
     return;
   }
   std::atomic<int64_t> next{0};
@@ -207,6 +214,11 @@ ACCEL_AVX512_TARGET inline __m512 load16(const c10::BFloat16* p, __mmask16 m) {
   return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(v), 16));
 }
 
+// Streaming tasks ask for the weight bytes this far ahead (into L2): more reads in flight than the
+// hardware prefetcher alone keeps, which restarts at every 4 KiB page (decode: a few % more read
+// bandwidth, measured interleaved).
+constexpr int64_t kRowPrefetch = 2048;
+
 template <typename T, int NT>
 ACCEL_AVX512_TARGET void dot_rows_avx512(const T* w, int64_t K, int64_t r0, int64_t r1, const float* x, float* res,
                                          int64_t ld_res) {
@@ -217,6 +229,7 @@ ACCEL_AVX512_TARGET void dot_rows_avx512(const T* w, int64_t K, int64_t r0, int6
     for (int t = 0; t < NT; ++t) a0[t] = a1[t] = _mm512_setzero_ps();
     int64_t k = 0;
     for (; k < k2; k += 32) {
+      _mm_prefetch(reinterpret_cast<const char*>(row + k) + kRowPrefetch, _MM_HINT_T1);
       const __m512 w0 = load16(row + k), w1 = load16(row + k + 16);
       for (int t = 0; t < NT; ++t) {
         a0[t] = _mm512_fmadd_ps(w0, _mm512_loadu_ps(x + t * K + k), a0[t]);
@@ -248,6 +261,7 @@ ACCEL_AVX512BF16_TARGET void dot_rows_bf16dp(const c10::BFloat16* w, int64_t K, 
     for (int t = 0; t < NT; ++t) a0[t] = a1[t] = _mm512_setzero_ps();
     int64_t k = 0;
     for (; k < k2; k += 64) {
+      _mm_prefetch(reinterpret_cast<const char*>(row + k) + kRowPrefetch, _MM_HINT_T1);
       const __m512bh w0 = (__m512bh)_mm512_loadu_si512(row + k), w1 = (__m512bh)_mm512_loadu_si512(row + k + 32);
       for (int t = 0; t < NT; ++t) {
         a0[t] = _mm512_dpbf16_ps(a0[t], w0, (__m512bh)_mm512_loadu_si512(x[t] + k));
@@ -759,7 +773,7 @@ std::tuple<at::Tensor, at::Tensor> forward_impl(const at::Tensor& hidden, const 
         break;
     }
   }
-  parallel_tasks(static_cast<int64_t>(tasks.size()), [&](int64_t i) {
+  parallel_tasks(static_cast<int64_t>(tasks.size()), false, [&](int64_t i) {
     const Task& t = tasks[i];
     const int64_t s0 = r.offsets[t.e];
     if (c.path[t.e] == Path::kBf16Tiles) {
@@ -789,8 +803,12 @@ std::tuple<at::Tensor, at::Tensor> forward_impl(const at::Tensor& hidden, const 
       for (int64_t f = 0; f < features; f += kTileN) tasks.push_back({e, f, std::min(features, f + kTileN)});
     }
   };
+  // decode: every expert streams; one contiguous run of tasks per thread reads each weight matrix
+  // as a few long runs (measured interleaved: up to 10% more read bandwidth than taking tasks in turn)
+  bool all_stream = true;
+  for (int64_t e = 0; e < E; ++e) all_stream &= c.path[e] == Path::kNone || c.path[e] == Path::kStream;
   auto run_phase = [&](bool up) {
-    parallel_tasks(static_cast<int64_t>(tasks.size()), [&](int64_t i) {
+    parallel_tasks(static_cast<int64_t>(tasks.size()), all_stream, [&](int64_t i) {
       const Task& t = tasks[i];
       switch (c.path[t.e]) {
         case Path::kBf16Tiles:
