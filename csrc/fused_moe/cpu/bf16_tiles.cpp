@@ -60,8 +60,8 @@ void pack_feature_pair(const float* src0, const float* src1, int64_t n, int64_t 
     uint32_t* out = reinterpret_cast<uint32_t*>(dst + panel_offset(p, K)) + q * width;
 #if defined(ACCEL_HAVE_AVX512_TARGET)
     if (cpu_supported()) {
-      // the panel's padding tokens come out zero (masked loads), so that a NaN left in the
-      // workspace never reaches a valid column
+      // the panel's padding tokens come out zero (masked loads): their output columns are never
+      // read, but no workspace garbage goes through the kernel
       for (int64_t t = 0; t < width; t += 16) {
         const int64_t left = std::max<int64_t>(0, std::min<int64_t>(16, cnt - t));
         const __mmask16 m = static_cast<__mmask16>((1u << left) - 1u);

@@ -49,7 +49,9 @@ void pack_panel(const c10::BFloat16* const* rows, int64_t count, int64_t width, 
 void pack_feature_pair(const float* src0, const float* src1, int64_t n, int64_t K, int64_t k0, c10::BFloat16* dst);
 
 // C[m * ldc + t] = sum_k A[m * lda + k] * X[t, k] for m in [0, rows) and t in [0, padded(n)),
-// X given packed (packed_size(n, K) elements). Requires cpu_supported().
+// X given packed (packed_size(n, K) elements). Requires cpu_supported(). While a block of 8 rows
+// computes, the next 8 rows are prefetched as one run of 8 K elements (rows contiguous: lda == K
+// at every call site; another lda only makes that prefetch miss).
 void gemm(const c10::BFloat16* A, int64_t lda, int64_t rows, int64_t K, const c10::BFloat16* packed, int64_t n,
           float* C, int64_t ldc);
 
