@@ -55,6 +55,8 @@ def info(print_it: bool = True) -> dict:
             "cuda_archs": b["cuda_archs"] or None,
             "built_against_torch": b["torch_compiled"],
             "kernel_isa": b["cpu_isa"],
+            # run-time variants this CPU takes (AVX-512 paths, the MoE's bf16 tiles on AVX512-BF16, ...)
+            "runtime_isa": " ".join(b.get("cpu_runtime_isa", [])) or "-",
             "kernels": kernel_table(),
         })
     else:
@@ -67,7 +69,7 @@ def info(print_it: bool = True) -> dict:
 def format_info(data: dict) -> str:
     lines = ["accel build information", "-" * 23]
     keys = ["accel", "build_version", "python", "platform", "torch", "torch_cuda", "built_against_torch",
-            "built_with_cuda", "cuda_archs", "cuda_available", "gpu", "cpu_capability", "kernel_isa", "threads"]
+            "built_with_cuda", "cuda_archs", "cuda_available", "gpu", "cpu_capability", "kernel_isa", "runtime_isa", "threads"]
     for k in keys:
         if k in data:
             lines.append(f"{k:>20}: {data[k]}")

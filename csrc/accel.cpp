@@ -4,6 +4,7 @@
 
 #include <ATen/Parallel.h>
 
+#include "common/cpu_isa.h"
 #include "common/cpu_memory.h"
 #if __has_include(<torch/headeronly/version.h>)
 #include <torch/headeronly/version.h>
@@ -39,6 +40,13 @@ pybind11::dict build_info() {
 #else
   d["cpu_isa"] = "baseline";
 #endif
+  // what this CPU offers the kernels' run-time dispatch (the ACCEL_CPU_ISA override applied)
+  pybind11::list runtime;
+  if (accel::cpu::cpu_has_avx512()) runtime.append("avx512");
+  if (accel::cpu::cpu_has_avx512_bf16()) runtime.append("avx512_bf16");
+  if (accel::cpu::cpu_has_avx512_fp16()) runtime.append("avx512_fp16");
+  if (accel::cpu::cpu_has_amx_bf16()) runtime.append("amx_bf16");
+  d["cpu_runtime_isa"] = runtime;
   d["parallel"] = at::get_parallel_info();
   return d;
 }

@@ -312,6 +312,26 @@ def _cpu_flags() -> set:
     return set()
 
 
+def test_runtime_isa_matches_the_kernels_flags():
+    """The run-time ISA checks (CPUID read directly) agree with the kernel's /proc/cpuinfo flags,
+    so each dispatch (AVX-512 dots, the bf16 tiles, oneDNN on AMX / AVX512-FP16) goes where the
+    CPU can take it."""
+    import os
+
+    from accel import _ext
+
+    flags = _cpu_flags()
+    if not flags:
+        pytest.skip("no /proc/cpuinfo flags here")
+    runtime = set(_ext.build_info()["cpu_runtime_isa"])
+    forced = os.environ.get("ACCEL_CPU_ISA", "")
+    avx512 = {"avx512f", "avx512dq", "avx512vl", "avx512bw"} <= flags and forced != "avx2"
+    assert ("avx512" in runtime) == avx512
+    assert ("avx512_bf16" in runtime) == (avx512 and "avx512_bf16" in flags and forced != "avx512")
+    assert ("avx512_fp16" in runtime) == (avx512 and "avx512_fp16" in flags)
+    assert ("amx_bf16" in runtime) == ("amx_bf16" in flags)
+
+
 @pytest.mark.parametrize("dtype", ["bfloat16", "float16"])
 @pytest.mark.parametrize("mode", ["aten", "widen", "tiles"])
 @pytest.mark.parametrize("sizes", [(96, 80), (97, 81)], ids=["H96-I80", "H97-I81"])

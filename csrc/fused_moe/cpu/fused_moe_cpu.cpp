@@ -661,10 +661,7 @@ LowpGemm lowp_gemm() {
 #ifdef ACCEL_HAVE_AVX512_TARGET
     if (kBf16 && cpu::cpu_has_amx_bf16()) return LowpGemm::kAten;
     if (tiles_ok) return LowpGemm::kBf16Tiles;
-    if (!kBf16 && cpu::cpu_has_avx512()) {
-      __builtin_cpu_init();
-      if (__builtin_cpu_supports("avx512fp16")) return LowpGemm::kAten;
-    }
+    if (!kBf16 && cpu::cpu_has_avx512_fp16()) return LowpGemm::kAten;
     return LowpGemm::kWiden;
 #else
     return LowpGemm::kAten;
