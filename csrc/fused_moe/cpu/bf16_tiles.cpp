@@ -14,8 +14,6 @@
 
 namespace accel::fused_moe::bf16_tiles {
 
-bool cpu_supported() { return cpu::cpu_has_avx512_bf16(); }
-
 namespace {
 
 inline uint32_t load_pair(const c10::BFloat16* p) {
@@ -54,29 +52,24 @@ ACCEL_AVX512BF16_TARGET inline void pair16(const float* lo, const float* hi, uin
 #endif
 
 void pack_feature_pair(const float* src0, const float* src1, int64_t n, int64_t K, int64_t k0, c10::BFloat16* dst) {
+#if defined(ACCEL_HAVE_AVX512_TARGET)
+  TORCH_CHECK(cpu::cpu_has_avx512_bf16(), "fused_moe: bf16 tiles need AVX512-BF16");
   const int64_t q = k0 / 2;
   for (int64_t p = 0; p * kPanel < n; ++p) {
     const int64_t t0 = p * kPanel, width = panel_width(n, p), cnt = std::min(kPanel, n - t0);
     uint32_t* out = reinterpret_cast<uint32_t*>(dst + panel_offset(p, K)) + q * width;
-#if defined(ACCEL_HAVE_AVX512_TARGET)
-    if (cpu_supported()) {
-      // the panel's padding tokens come out zero (masked loads): their output columns are never
-      // read, but no workspace garbage goes through the kernel
-      for (int64_t t = 0; t < width; t += 16) {
-        const int64_t left = std::max<int64_t>(0, std::min<int64_t>(16, cnt - t));
-        const __mmask16 m = static_cast<__mmask16>((1u << left) - 1u);
-        pair16(src0 + t0 + t, src1 ? src1 + t0 + t : nullptr, out + t, m);
-      }
-      continue;
+    // the panel's padding tokens come out zero (masked loads): their output columns are never
+    // read, but no workspace garbage goes through the kernel
+    for (int64_t t = 0; t < width; t += 16) {
+      const int64_t left = std::max<int64_t>(0, std::min<int64_t>(16, cnt - t));
+      const __mmask16 m = static_cast<__mmask16>((1u << left) - 1u);
+      pair16(src0 + t0 + t, src1 ? src1 + t0 + t : nullptr, out + t, m);
     }
-#endif
-    for (int64_t t = 0; t < cnt; ++t) {
-      const uint32_t lo = bits(c10::BFloat16(src0[t0 + t]));
-      const uint32_t hi = src1 ? bits(c10::BFloat16(src1[t0 + t])) : 0u;
-      out[t] = lo | (hi << 16);
-    }
-    std::fill(out + cnt, out + width, 0u);
   }
+#else
+  (void)src0, (void)src1, (void)n, (void)K, (void)k0, (void)dst;
+  TORCH_CHECK(false, "fused_moe: bf16 tiles need an x86-64 build with AVX512-BF16");
+#endif
 }
 
 #if defined(ACCEL_HAVE_AVX512_TARGET)
@@ -157,7 +150,7 @@ constexpr int64_t kGroupBytes = 512 * 1024;      // B panels one pass over A's r
 void gemm(const c10::BFloat16* A, int64_t lda, int64_t rows, int64_t K, const c10::BFloat16* packed, int64_t n,
           float* C, int64_t ldc) {
 #if defined(ACCEL_HAVE_AVX512_TARGET)
-  TORCH_CHECK(cpu_supported(), "fused_moe: bf16 tiles need AVX512-BF16");
+  TORCH_CHECK(cpu::cpu_has_avx512_bf16(), "fused_moe: bf16 tiles need AVX512-BF16");
   const int64_t np = panels(n);
   const int64_t panel_bytes = kPanel * 2 * pairs(K) * 2;
   const int64_t group = std::max<int64_t>(1, kGroupBytes / std::max<int64_t>(panel_bytes, 1));

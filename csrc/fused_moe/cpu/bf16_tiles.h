@@ -23,9 +23,6 @@ namespace accel::fused_moe::bf16_tiles {
 
 constexpr int64_t kPanel = 48;  // tokens per full B panel
 
-// Whether the CPU has AVX512-BF16 (and AVX-512 is not switched off with ACCEL_CPU_ISA).
-bool cpu_supported();
-
 inline int64_t pairs(int64_t K) { return (K + 1) / 2; }
 inline int64_t panels(int64_t n) { return (n + kPanel - 1) / kPanel; }
 // Tokens in panel p, rounded up to 16 (the last panel may be narrower than kPanel).
@@ -49,9 +46,10 @@ void pack_panel(const c10::BFloat16* const* rows, int64_t count, int64_t width, 
 void pack_feature_pair(const float* src0, const float* src1, int64_t n, int64_t K, int64_t k0, c10::BFloat16* dst);
 
 // C[m * ldc + t] = sum_k A[m * lda + k] * X[t, k] for m in [0, rows) and t in [0, padded(n)),
-// X given packed (packed_size(n, K) elements). Requires cpu_supported(). While a block of 8 rows
-// computes, the next 8 rows are prefetched as one run of 8 K elements (rows contiguous: lda == K
-// at every call site; another lda only makes that prefetch miss).
+// X given packed (packed_size(n, K) elements). Requires cpu::cpu_has_avx512_bf16() (as does
+// pack_feature_pair). While a block of 8 rows computes, the next 8 rows are prefetched as one run
+// of 8 K elements (rows contiguous: lda == K at every call site; another lda only makes that
+// prefetch miss).
 void gemm(const c10::BFloat16* A, int64_t lda, int64_t rows, int64_t K, const c10::BFloat16* packed, int64_t n,
           float* C, int64_t ldc);
 

@@ -291,7 +291,7 @@ void dot_rows_bf16dp_n(const c10::BFloat16* w, int64_t K, int64_t r0, int64_t r1
 template <typename T>
 bool use_bf16dp() {
 #ifdef ACCEL_HAVE_AVX512_TARGET
-  if constexpr (std::is_same_v<T, c10::BFloat16>) return bf16_tiles::cpu_supported();
+  if constexpr (std::is_same_v<T, c10::BFloat16>) return cpu::cpu_has_avx512_bf16();
 #endif
   return false;
 }
@@ -652,7 +652,7 @@ template <typename T>
 LowpGemm lowp_gemm() {
   static const LowpGemm path = [] {
     constexpr bool kBf16 = std::is_same_v<T, c10::BFloat16>;
-    const bool tiles_ok = kBf16 && bf16_tiles::cpu_supported();
+    const bool tiles_ok = kBf16 && cpu::cpu_has_avx512_bf16();
     const char* force = std::getenv("ACCEL_MOE_LOWP_GEMM");
     const std::string f = force ? force : "";
     if (f == "aten") return LowpGemm::kAten;
