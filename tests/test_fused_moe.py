@@ -16,6 +16,7 @@ from __future__ import annotations
 import dataclasses
 import itertools
 import math
+import os
 import zlib
 
 import pytest
@@ -367,6 +368,46 @@ def test_low_precision_gemm_paths_agree(tmp_path, dtype, mode, sizes):
     low, full = torch.load(path)
     rel = (low.float() - full).abs().max().item() / full.abs().max().item()
     assert rel < (3e-2 if dtype == "bfloat16" else 5e-3), (mode, rel)
+
+
+@pytest.mark.parametrize("act", ACTIVATIONS)
+@pytest.mark.parametrize("sizes", [(96, 80), (97, 81), (33, 7)], ids=["H96-I80", "H97-I81", "H33-I7"])
+def test_bf16_tiles_fused_activation(act, sizes):
+    """The bf16 tiles' up projection applies the activation in registers when the forward saves
+    nothing for a backward (no grad), and runs the GEMMs, then the activation over the results, when
+    it saves g and u. Both must give the same h up to fp32 rounding inside act() (h is rounded to bf16
+    in both), so the outputs are nearly bit-equal; both match fp32 on the same rounded inputs. The
+    counts cover 1-3 panels with 16/32/48-token last panels; odd I a lone last feature; one token's
+    row is scaled by 1e3 so that the activation sees large |z| (exp overflow and underflow)."""
+    from accel import _ext
+
+    runtime = set(_ext.build_info()["cpu_runtime_isa"])
+    if "avx512_bf16" not in runtime or "amx_bf16" in runtime or os.environ.get("ACCEL_MOE_LOWP_GEMM"):
+        pytest.skip("bf16 tiles are the default path only on AVX512-BF16 CPUs without AMX")
+    H, I = sizes
+    counts = (9, 16, 17, 33, 48, 49, 97, 131)
+    g = _gen(5)
+    ids = _ids_with_counts(counts, 2, g)
+    T, E = ids.shape[0], len(counts)
+    dt = torch.bfloat16
+    x = torch.randn(T, H, generator=g).to(dt)
+    x[3] *= 1000
+    w1 = (torch.randn(E, 2 * I, H, generator=g) * 0.1).to(dt)
+    w2 = (torch.randn(E, H, I, generator=g) * 0.1).to(dt)
+    tw = torch.rand(T, 2, generator=g).to(dt)
+    with torch.no_grad():
+        fused = fused_moe(x, w1, w2, topk_weights=tw, topk_ids=ids, activation=act)
+    xs = x.clone().requires_grad_(True)
+    saved = fused_moe(xs, w1, w2, topk_weights=tw, topk_ids=ids, activation=act).detach()
+    full = fused_moe(x.float(), w1.float(), w2.float(), topk_weights=tw.float(), topk_ids=ids, activation=act)
+    assert torch.isfinite(fused.float()).all()
+    scale = full.abs().amax(dim=1, keepdim=True)  # per token: token 3 is 1e3 larger
+    diff = (fused.float() - saved.float()).abs() / scale
+    assert diff.max().item() <= 2.0**-7, diff.max().item()
+    assert (fused == saved).float().mean().item() > 0.99
+    for out in (fused, saved):
+        rel = ((out.float() - full).abs() / scale).max().item()
+        assert rel < 3e-2, rel
 
 
 # per-expert pair counts across both kernel paths (streaming for few tokens, GEMM for many)

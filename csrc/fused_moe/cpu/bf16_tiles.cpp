@@ -6,6 +6,7 @@
 #include <algorithm>
 #include <cstring>
 
+#include "common/cpu_avx512_math.h"
 #include "common/cpu_isa.h"
 
 #if defined(ACCEL_HAVE_AVX512_TARGET)
@@ -42,11 +43,14 @@ void pack_panel(const c10::BFloat16* const* rows, int64_t count, int64_t width, 
 namespace {
 // 16 tokens of a feature pair: (bf16(lo[t]), bf16(hi[t])) as one 32-bit word each, rounded to
 // nearest even as c10::BFloat16 rounds
+ACCEL_AVX512BF16_TARGET inline __m512i pair_words(__m512 lo, __m512 hi) {
+  const __m512i l = _mm512_cvtepu16_epi32((__m256i)_mm512_cvtneps_pbh(lo));
+  const __m512i h = _mm512_cvtepu16_epi32((__m256i)_mm512_cvtneps_pbh(hi));
+  return _mm512_or_si512(l, _mm512_slli_epi32(h, 16));
+}
 ACCEL_AVX512BF16_TARGET inline void pair16(const float* lo, const float* hi, uint32_t* out, __mmask16 m) {
-  const __m512i l = _mm512_cvtepu16_epi32((__m256i)_mm512_cvtneps_pbh(_mm512_maskz_loadu_ps(m, lo)));
-  const __m512i h = hi ? _mm512_cvtepu16_epi32((__m256i)_mm512_cvtneps_pbh(_mm512_maskz_loadu_ps(m, hi)))
-                       : _mm512_setzero_si512();
-  _mm512_storeu_si512(out, _mm512_or_si512(l, _mm512_slli_epi32(h, 16)));
+  const __m512 h = hi ? _mm512_maskz_loadu_ps(m, hi) : _mm512_setzero_ps();
+  _mm512_storeu_si512(out, pair_words(_mm512_maskz_loadu_ps(m, lo), h));
 }
 }  // namespace
 #endif
@@ -122,6 +126,113 @@ ACCEL_AVX512BF16_TARGET void kernel(const c10::BFloat16* A, int64_t lda, int64_t
     for (int v = 0; v < NV; ++v) _mm512_storeu_ps(C + m * ldc + 16 * v, acc[m][v]);
   }
 }
+// act(z) in fp32, as activation_forward: SiLU z / (1 + e^-z); GELU 0.5 z (1 + erf(z / sqrt 2)) with
+// erf from Abramowitz & Stegun 7.1.26 (|error| <= 1.5e-7, as cpu_vec.h's erf_vec); ReLU; none.
+// NaN stays NaN (the min/max operand order below keeps it), +-inf as torch has them.
+ACCEL_AVX512BF16_TARGET inline __m512 activate(__m512 z, Activation act) {
+  constexpr float kLog2e = 1.4426950408889634f;
+  switch (act) {
+    case Activation::Silu: {
+      // e^-z = 2^(-z log2 e), the exponent clamped to [-160, 160] (0 and inf after scaling) so that
+      // infinite z gives 0 / inf, not NaN, from the reduction
+      __m512 t = _mm512_mul_ps(z, _mm512_set1_ps(-kLog2e));
+      t = _mm512_max_ps(_mm512_set1_ps(-160.f), _mm512_min_ps(_mm512_set1_ps(160.f), t));
+      return _mm512_div_ps(z, _mm512_add_ps(_mm512_set1_ps(1.f), cpu::exp2_avx512(t)));
+    }
+    case Activation::Gelu: {
+      const __m512 one = _mm512_set1_ps(1.f);
+      const __m512 x = _mm512_mul_ps(z, _mm512_set1_ps(0.70710678118654752440f));
+      const __m512 a = _mm512_min_ps(_mm512_set1_ps(4.f), _mm512_abs_ps(x));  // erf(4) is 1 in fp32
+      const __m512 t = _mm512_div_ps(one, _mm512_fmadd_ps(_mm512_set1_ps(0.3275911f), a, one));
+      __m512 p = _mm512_fmadd_ps(_mm512_set1_ps(1.061405429f), t, _mm512_set1_ps(-1.453152027f));
+      p = _mm512_fmadd_ps(p, t, _mm512_set1_ps(1.421413741f));
+      p = _mm512_fmadd_ps(p, t, _mm512_set1_ps(-0.284496736f));
+      p = _mm512_mul_ps(_mm512_fmadd_ps(p, t, _mm512_set1_ps(0.254829592f)), t);
+      const __m512 e = cpu::exp2_avx512(_mm512_mul_ps(_mm512_mul_ps(a, a), _mm512_set1_ps(-kLog2e)));
+      const __m512 y = _mm512_fnmadd_ps(p, e, one);  // erf(|x|) >= 0: x's sign goes on by bits
+      const __m512 erf = _mm512_or_ps(y, _mm512_and_ps(x, _mm512_set1_ps(-0.f)));
+      return _mm512_mul_ps(_mm512_mul_ps(_mm512_set1_ps(0.5f), z), _mm512_add_ps(one, erf));
+    }
+    case Activation::Relu:
+      return _mm512_max_ps(_mm512_setzero_ps(), z);
+    default:
+      return z;
+  }
+}
+
+// One pair step of glu_kernel: pair (k, k + 1) of the rows, or element k alone (kLone: K's odd last
+// element, whose pair has a zero high half in both operands), against 16 NV packed tokens at Bq.
+template <int MF, int NV, bool kLone>
+ACCEL_AVX512BF16_TARGET __attribute__((always_inline)) inline void glu_step(const c10::BFloat16* G,
+                                                                            const c10::BFloat16* U, int64_t lda,
+                                                                            int64_t k, const c10::BFloat16* Bq,
+                                                                            __m512 (&ag)[MF][NV], __m512 (&au)[MF][NV]) {
+  __m512bh b[NV];
+#pragma GCC unroll 4
+  for (int v = 0; v < NV; ++v) b[v] = (__m512bh)_mm512_loadu_si512(Bq + 32 * v);
+#pragma GCC unroll 4
+  for (int m = 0; m < MF; ++m) {
+    const uint32_t gp = kLone ? bits(G[m * lda + k]) : load_pair(G + m * lda + k);
+    const uint32_t up = kLone ? bits(U[m * lda + k]) : load_pair(U + m * lda + k);
+    const __m512bh a = (__m512bh)_mm512_set1_epi32(static_cast<int>(gp));
+#pragma GCC unroll 4
+    for (int v = 0; v < NV; ++v) ag[m][v] = _mm512_dpbf16_ps(ag[m][v], a, b[v]);
+    const __m512bh c = (__m512bh)_mm512_set1_epi32(static_cast<int>(up));
+#pragma GCC unroll 4
+    for (int v = 0; v < NV; ++v) au[m][v] = _mm512_dpbf16_ps(au[m][v], c, b[v]);
+  }
+}
+
+// gemm_glu's block: MF features' gate rows G and up rows U (ld lda, K elements) x one packed panel
+// of 16 NV tokens; h = act(g) u goes out as (MF + 1) / 2 feature pairs of the packed h block:
+// pair i's 16 NV words at out + i * width. pf_g, pf_u: null, or the next block's gate and up rows
+// (contiguous, MF rows of K each), fetched into L2 64 bytes of each every 4 pair steps.
+template <int MF, int NV>
+ACCEL_AVX512BF16_TARGET void glu_kernel(const c10::BFloat16* G, const c10::BFloat16* U, int64_t lda, int64_t K,
+                                        const c10::BFloat16* B, Activation act, uint32_t* out, int64_t width,
+                                        const char* pf_g, const char* pf_u) {
+  constexpr int64_t kStep = 32 * NV;
+  const int64_t full = K / 2;
+  __m512 ag[MF][NV], au[MF][NV];
+#pragma GCC unroll 4
+  for (int m = 0; m < MF; ++m) {
+#pragma GCC unroll 4
+    for (int v = 0; v < NV; ++v) ag[m][v] = au[m][v] = _mm512_setzero_ps();
+  }
+  for (int64_t q = 0; q < full; ++q) {
+    if (pf_g && (q & 3) == 0) {
+      _mm_prefetch(pf_g + q * 16, _MM_HINT_T1);
+      _mm_prefetch(pf_u + q * 16, _MM_HINT_T1);
+    }
+    glu_step<MF, NV, false>(G, U, lda, 2 * q, B + q * kStep, ag, au);
+  }
+  if (K & 1) glu_step<MF, NV, true>(G, U, lda, K - 1, B + full * kStep, ag, au);
+#pragma GCC unroll 4
+  for (int m = 0; m < MF; m += 2) {
+#pragma GCC unroll 4
+    for (int v = 0; v < NV; ++v) {
+      const __m512 lo = _mm512_mul_ps(activate(ag[m][v], act), au[m][v]);
+      const __m512 hi = m + 1 < MF ? _mm512_mul_ps(activate(ag[m + 1][v], act), au[m + 1][v]) : _mm512_setzero_ps();
+      _mm512_storeu_si512(out + (m / 2) * width + 16 * v, pair_words(lo, hi));
+    }
+  }
+}
+
+using GluKernel = void (*)(const c10::BFloat16*, const c10::BFloat16*, int64_t, int64_t, const c10::BFloat16*,
+                           Activation, uint32_t*, int64_t, const char*, const char*);
+
+template <int MF>
+constexpr GluKernel pick_glu(int nv) {
+  return nv == 1 ? &glu_kernel<MF, 1> : nv == 2 ? &glu_kernel<MF, 2> : &glu_kernel<MF, 3>;
+}
+
+GluKernel glu_kernel_for(int64_t mf, int64_t nv) {
+  static const GluKernel table[4][3] = {{pick_glu<1>(1), pick_glu<1>(2), pick_glu<1>(3)},
+                                        {pick_glu<2>(1), pick_glu<2>(2), pick_glu<2>(3)},
+                                        {pick_glu<3>(1), pick_glu<3>(2), pick_glu<3>(3)},
+                                        {pick_glu<4>(1), pick_glu<4>(2), pick_glu<4>(3)}};
+  return table[mf - 1][nv - 1];
+}
 #pragma GCC diagnostic pop
 
 using Kernel = void (*)(const c10::BFloat16*, int64_t, int64_t, const c10::BFloat16*, float*, int64_t,
@@ -142,6 +253,7 @@ Kernel kernel_for(int64_t mr, int64_t nv) {
 }
 
 constexpr int64_t kRows = 8;                     // feature rows per register block
+constexpr int64_t kGluRows = 4;                  // gemm_glu: features (gate and up rows) per block
 constexpr int64_t kGroupBytes = 512 * 1024;      // B panels one pass over A's rows reuses (L2)
 
 }  // namespace
@@ -172,6 +284,38 @@ void gemm(const c10::BFloat16* A, int64_t lda, int64_t rows, int64_t K, const c1
   }
 #else
   (void)A, (void)lda, (void)rows, (void)K, (void)packed, (void)n, (void)C, (void)ldc;
+  TORCH_CHECK(false, "fused_moe: bf16 tiles need an x86-64 build with AVX512-BF16");
+#endif
+}
+
+void gemm_glu(const c10::BFloat16* Wg, const c10::BFloat16* Wu, int64_t lda, int64_t rows, int64_t K,
+              const c10::BFloat16* packed, int64_t n, Activation act, c10::BFloat16* hpacked, int64_t I,
+              int64_t j0) {
+#if defined(ACCEL_HAVE_AVX512_TARGET)
+  TORCH_CHECK(cpu::cpu_has_avx512_bf16(), "fused_moe: bf16 tiles need AVX512-BF16");
+  TORCH_CHECK(j0 % 2 == 0 && (rows % 2 == 0 || j0 + rows == I), "fused_moe: gemm_glu splits a feature pair");
+  const int64_t np = panels(n);
+  const int64_t panel_bytes = kPanel * 2 * pairs(K) * 2;
+  const int64_t group = std::max<int64_t>(1, kGroupBytes / std::max<int64_t>(panel_bytes, 1));
+  for (int64_t p0 = 0; p0 < np; p0 += group) {
+    const int64_t p1 = std::min(np, p0 + group);
+    for (int64_t m0 = 0; m0 < rows; m0 += kGluRows) {
+      const int64_t mf = std::min(kGluRows, rows - m0);
+      const bool next = m0 + kGluRows < rows;
+      for (int64_t p = p0; p < p1; ++p) {
+        const int64_t width = panel_width(n, p);
+        const bool pf = p == p0 && next;
+        uint32_t* out = reinterpret_cast<uint32_t*>(hpacked + panel_offset(p, I)) + (j0 + m0) / 2 * width;
+        glu_kernel_for(mf, width / 16)(
+            Wg + m0 * lda, Wu + m0 * lda, lda, K, packed + panel_offset(p, K), act, out, width,
+            pf ? reinterpret_cast<const char*>(Wg + (m0 + kGluRows) * lda) : nullptr,
+            pf ? reinterpret_cast<const char*>(Wu + (m0 + kGluRows) * lda) : nullptr);
+      }
+    }
+  }
+#else
+  (void)Wg, (void)Wu, (void)lda, (void)rows, (void)K, (void)packed, (void)n, (void)act, (void)hpacked, (void)I,
+      (void)j0;
   TORCH_CHECK(false, "fused_moe: bf16 tiles need an x86-64 build with AVX512-BF16");
 #endif
 }

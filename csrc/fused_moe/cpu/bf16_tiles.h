@@ -19,6 +19,8 @@
 
 #include <cstdint>
 
+#include "common/activation.h"
+
 namespace accel::fused_moe::bf16_tiles {
 
 constexpr int64_t kPanel = 48;  // tokens per full B panel
@@ -52,5 +54,17 @@ void pack_feature_pair(const float* src0, const float* src1, int64_t n, int64_t 
 // prefetch miss).
 void gemm(const c10::BFloat16* A, int64_t lda, int64_t rows, int64_t K, const c10::BFloat16* packed, int64_t n,
           float* C, int64_t ldc);
+
+// The up projection with the activation fused, straight into the down projection's packed input:
+// for features f in [0, rows) and tokens t in [0, n),
+//   g = Wg[f] . X[t],  u = Wu[f] . X[t],  h = act(g) u  rounded to bf16,
+// written as feature j0 + f of the packed block of n tokens x I at hpacked (as pack_feature_pair
+// writes it; the panels' padding tokens come out zero). j0 is even; rows is even unless j0 + rows
+// == I (odd I: the lone last feature's pair has a zero high half). Register block: 4 features x
+// (gate, up) x 48 tokens, the same 24 accumulators as gemm(), activated in registers. Wg and Wu
+// rows are contiguous (lda == K). Requires cpu::cpu_has_avx512_bf16().
+void gemm_glu(const c10::BFloat16* Wg, const c10::BFloat16* Wu, int64_t lda, int64_t rows, int64_t K,
+              const c10::BFloat16* packed, int64_t n, Activation act, c10::BFloat16* hpacked, int64_t I,
+              int64_t j0);
 
 }  // namespace accel::fused_moe::bf16_tiles

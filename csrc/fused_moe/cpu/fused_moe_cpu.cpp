@@ -567,16 +567,20 @@ void bf16_up_task(ForwardCtx<T>& c, int64_t e, int64_t j0, int64_t j1) {
     const int64_t H = c.g.hidden, I = c.g.inter, n = c.count(e), s0 = c.r.offsets[e];
     const int64_t rows = j1 - j0, ld = bf16_tiles::padded(n);
     const T* w = c.w1 + e * 2 * I * H;
+    const T* xp = c.xpack.data() + c.xoff[e];
+    T* hp = c.hpack.data() + c.hoff[e];
+    if (!c.cache) {  // nothing to save: the activation runs in registers, h goes straight to hpack
+      bf16_tiles::gemm_glu(w + j0 * H, w + (I + j0) * H, H, rows, H, xp, n, c.act, hp, I, j0);
+      return;
+    }
     thread_local std::vector<float> cg, cu, hv;
     cg.resize(rows * ld);
     cu.resize(rows * ld);
     hv.resize(rows * ld);
-    const T* xp = c.xpack.data() + c.xoff[e];
     bf16_tiles::gemm(w + j0 * H, H, rows, H, xp, n, cg.data(), ld);
     bf16_tiles::gemm(w + (I + j0) * H, H, rows, H, xp, n, cu.data(), ld);
     up_epilogue<T, float>(c, s0, n, j0, rows, cg.data(), cu.data(), hv.data(), 1, ld);
     // h rounded to bf16 (as the eager bf16 loop has it), packed by feature pairs; j0 is even
-    T* hp = c.hpack.data() + c.hoff[e];
     for (int64_t i = 0; i < rows; i += 2) {
       const float* second = i + 1 < rows ? hv.data() + (i + 1) * ld : nullptr;
       bf16_tiles::pack_feature_pair(hv.data() + i * ld, second, n, I, j0 + i, hp);

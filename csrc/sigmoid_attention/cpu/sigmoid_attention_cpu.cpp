@@ -31,6 +31,7 @@
 #include <string>
 #include <vector>
 
+#include "common/cpu_avx512_math.h"
 #include "common/cpu_isa.h"
 #include "common/env.h"
 #include "sigmoid_attention/sigmoid_attention.h"
@@ -194,8 +195,6 @@ constexpr float kLog2e = 1.4426950408889634f;
 // in fp32) and on [0, 1) (AVX-512, t = floor(t) + f from one vreduceps; max 1.6e-7).
 constexpr float kExp2[6] = {1.0000001192092896f, 0.6931469440460205f, 0.24022120237350464f,
                             0.05550713092088699f, 0.009675541892647743f, 0.001327647129073739f};
-constexpr float kExp2Unit[6] = {0.9999999403953552f, 0.6931530833244324f, 0.24015361070632935f,
-                                0.05582631751894951f, 0.008989340625703335f, 0.0018775766948238015f};
 
 #if defined(__AVX2__) && defined(__FMA__)
 inline __m256 sigmoid_of_t(__m256 t) {
@@ -229,11 +228,7 @@ ACCEL_AVX512_TARGET inline void sigmoid16_avx512(float* p, __mmask16 m, __m512 v
     t = _mm512_fmadd_ps(dist, val, t);
   }
   t = _mm512_min_ps(t, _mm512_set1_ps(126.f));
-  // f = t - floor(t) in one instruction; vscalefps multiplies by 2^floor(t) itself
-  const __m512 f = _mm512_reduce_ps(t, _MM_FROUND_TO_NEG_INF | _MM_FROUND_NO_EXC);
-  __m512 q = _mm512_set1_ps(kExp2Unit[5]);
-  for (int i = 4; i >= 0; --i) q = _mm512_fmadd_ps(q, f, _mm512_set1_ps(kExp2Unit[i]));
-  const __m512 d = _mm512_add_ps(_mm512_scalef_ps(q, t), _mm512_set1_ps(1.f));
+  const __m512 d = _mm512_add_ps(cpu::exp2_avx512(t), _mm512_set1_ps(1.f));
   const __m512 r = _mm512_rcp14_ps(d);
   _mm512_mask_storeu_ps(p, m, _mm512_mul_ps(r, _mm512_fnmadd_ps(d, r, _mm512_set1_ps(2.f))));
 }
