@@ -260,7 +260,7 @@ constexpr int64_t kGroupBytes = 512 * 1024;      // B panels one pass over A's r
 #endif
 
 void gemm(const c10::BFloat16* A, int64_t lda, int64_t rows, int64_t K, const c10::BFloat16* packed, int64_t n,
-          float* C, int64_t ldc) {
+          float* C, int64_t ldc, const c10::BFloat16* then) {
 #if defined(ACCEL_HAVE_AVX512_TARGET)
   TORCH_CHECK(cpu::cpu_has_avx512_bf16(), "fused_moe: bf16 tiles need AVX512-BF16");
   const int64_t np = panels(n);
@@ -273,11 +273,11 @@ void gemm(const c10::BFloat16* A, int64_t lda, int64_t rows, int64_t K, const c1
     for (int64_t m0 = 0; m0 < rows; m0 += kRows) {
       const int64_t mr = std::min(kRows, rows - m0);
       // the first panel's pass also fetches the next block's rows (from memory: the weights are
-      // read once per call) while this block computes
-      const bool next = m0 + kRows < rows;
+      // read once per call) while this block computes; the very last block, `then`
+      const c10::BFloat16* next = m0 + kRows < rows ? A + (m0 + kRows) * lda : p1 == np ? then : nullptr;
       for (int64_t p = p0; p < p1; ++p) {
         const int64_t nv = panel_width(n, p) / 16;
-        const char* pf = p == p0 && next ? reinterpret_cast<const char*>(A + (m0 + kRows) * lda) : nullptr;
+        const char* pf = p == p0 ? reinterpret_cast<const char*>(next) : nullptr;
         kernel_for(mr, nv)(A + m0 * lda, lda, K, packed + panel_offset(p, K), C + m0 * ldc + p * kPanel, ldc, pf);
       }
     }
@@ -290,7 +290,7 @@ void gemm(const c10::BFloat16* A, int64_t lda, int64_t rows, int64_t K, const c1
 
 void gemm_glu(const c10::BFloat16* Wg, const c10::BFloat16* Wu, int64_t lda, int64_t rows, int64_t K,
               const c10::BFloat16* packed, int64_t n, Activation act, c10::BFloat16* hpacked, int64_t I,
-              int64_t j0) {
+              int64_t j0, const c10::BFloat16* then_g, const c10::BFloat16* then_u) {
 #if defined(ACCEL_HAVE_AVX512_TARGET)
   TORCH_CHECK(cpu::cpu_has_avx512_bf16(), "fused_moe: bf16 tiles need AVX512-BF16");
   TORCH_CHECK(j0 % 2 == 0 && (rows % 2 == 0 || j0 + rows == I), "fused_moe: gemm_glu splits a feature pair");
@@ -301,15 +301,16 @@ void gemm_glu(const c10::BFloat16* Wg, const c10::BFloat16* Wu, int64_t lda, int
     const int64_t p1 = std::min(np, p0 + group);
     for (int64_t m0 = 0; m0 < rows; m0 += kGluRows) {
       const int64_t mf = std::min(kGluRows, rows - m0);
-      const bool next = m0 + kGluRows < rows;
+      const bool inner = m0 + kGluRows < rows;
+      const c10::BFloat16* next_g = inner ? Wg + (m0 + kGluRows) * lda : p1 == np && then_u ? then_g : nullptr;
+      const c10::BFloat16* next_u = inner ? Wu + (m0 + kGluRows) * lda : p1 == np && then_g ? then_u : nullptr;
       for (int64_t p = p0; p < p1; ++p) {
         const int64_t width = panel_width(n, p);
-        const bool pf = p == p0 && next;
+        const bool pf = p == p0 && next_g;
         uint32_t* out = reinterpret_cast<uint32_t*>(hpacked + panel_offset(p, I)) + (j0 + m0) / 2 * width;
-        glu_kernel_for(mf, width / 16)(
-            Wg + m0 * lda, Wu + m0 * lda, lda, K, packed + panel_offset(p, K), act, out, width,
-            pf ? reinterpret_cast<const char*>(Wg + (m0 + kGluRows) * lda) : nullptr,
-            pf ? reinterpret_cast<const char*>(Wu + (m0 + kGluRows) * lda) : nullptr);
+        glu_kernel_for(mf, width / 16)(Wg + m0 * lda, Wu + m0 * lda, lda, K, packed + panel_offset(p, K), act, out,
+                                       width, pf ? reinterpret_cast<const char*>(next_g) : nullptr,
+                                       pf ? reinterpret_cast<const char*>(next_u) : nullptr);
       }
     }
   }

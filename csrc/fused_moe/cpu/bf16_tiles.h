@@ -51,9 +51,10 @@ void pack_feature_pair(const float* src0, const float* src1, int64_t n, int64_t 
 // X given packed (packed_size(n, K) elements). Requires cpu::cpu_has_avx512_bf16() (as does
 // pack_feature_pair). While a block of 8 rows computes, the next 8 rows are prefetched as one run
 // of 8 K elements (rows contiguous: lda == K at every call site; another lda only makes that
-// prefetch miss).
+// prefetch miss); the last block prefetches 8 K elements at `then` (null: nothing), the first
+// rows of the caller's next call.
 void gemm(const c10::BFloat16* A, int64_t lda, int64_t rows, int64_t K, const c10::BFloat16* packed, int64_t n,
-          float* C, int64_t ldc);
+          float* C, int64_t ldc, const c10::BFloat16* then = nullptr);
 
 // The up projection with the activation fused, straight into the down projection's packed input:
 // for features f in [0, rows) and tokens t in [0, n),
@@ -62,9 +63,10 @@ void gemm(const c10::BFloat16* A, int64_t lda, int64_t rows, int64_t K, const c1
 // writes it; the panels' padding tokens come out zero). j0 is even; rows is even unless j0 + rows
 // == I (odd I: the lone last feature's pair has a zero high half). Register block: 4 features x
 // (gate, up) x 48 tokens, the same 24 accumulators as gemm(), activated in registers. Wg and Wu
-// rows are contiguous (lda == K). Requires cpu::cpu_has_avx512_bf16().
+// rows are contiguous (lda == K). The last block prefetches 4 rows of K at then_g and then_u (null:
+// nothing), the caller's next gate and up rows. Requires cpu::cpu_has_avx512_bf16().
 void gemm_glu(const c10::BFloat16* Wg, const c10::BFloat16* Wu, int64_t lda, int64_t rows, int64_t K,
               const c10::BFloat16* packed, int64_t n, Activation act, c10::BFloat16* hpacked, int64_t I,
-              int64_t j0);
+              int64_t j0, const c10::BFloat16* then_g = nullptr, const c10::BFloat16* then_u = nullptr);
 
 }  // namespace accel::fused_moe::bf16_tiles

@@ -75,18 +75,21 @@ inline void tile_gemm(int64_t rows, int64_t nt, int64_t K, int64_t lda, const fl
   }
 }
 
-// Runs fn(i) for i in [0, n) on the intra-op threads, each thread taking the next index.
+// Runs fn(i, guess) for i in [0, n) on the intra-op threads, each thread taking the next index.
+// guess: the index this thread will most likely take next (i + the number of workers, as they
+// move through similar tasks in step), for prefetching its data; may be >= n.
 template <typename F>
 void parallel_tasks(int64_t n, const F& fn) {
   if (n <= 0) return;
   if (n == 1 || at::get_num_threads() == 1 || at::in_parallel_region()) {
-    for (int64_t i = 0; i < n; ++i) fn(i);
+    for (int64_t i = 0; i < n; ++i) fn(i, i + 1);
     return;
   }
+  const int64_t workers = std::min<int64_t>(n, at::get_num_threads());
   std::atomic<int64_t> next{0};
-  at::parallel_for(0, std::min<int64_t>(n, at::get_num_threads()), 1, [&](int64_t b, int64_t e) {
+  at::parallel_for(0, workers, 1, [&](int64_t b, int64_t e) {
     for (int64_t w = b; w < e; ++w) {
-      for (int64_t i = next.fetch_add(1); i < n; i = next.fetch_add(1)) fn(i);
+      for (int64_t i = next.fetch_add(1); i < n; i = next.fetch_add(1)) fn(i, i + workers);
     }
   });
 }
@@ -562,7 +565,8 @@ void bf16_pack_task(ForwardCtx<T>& c, int64_t e, int64_t panel) {
 }
 
 template <typename T>
-void bf16_up_task(ForwardCtx<T>& c, int64_t e, int64_t j0, int64_t j1) {
+// (next_e, next_j0): the task to prefetch the first rows of (next_e -1: none)
+void bf16_up_task(ForwardCtx<T>& c, int64_t e, int64_t j0, int64_t j1, int64_t next_e, int64_t next_j0) {
   if constexpr (std::is_same_v<T, c10::BFloat16>) {
     const int64_t H = c.g.hidden, I = c.g.inter, n = c.count(e), s0 = c.r.offsets[e];
     const int64_t rows = j1 - j0, ld = bf16_tiles::padded(n);
@@ -570,7 +574,9 @@ void bf16_up_task(ForwardCtx<T>& c, int64_t e, int64_t j0, int64_t j1) {
     const T* xp = c.xpack.data() + c.xoff[e];
     T* hp = c.hpack.data() + c.hoff[e];
     if (!c.cache) {  // nothing to save: the activation runs in registers, h goes straight to hpack
-      bf16_tiles::gemm_glu(w + j0 * H, w + (I + j0) * H, H, rows, H, xp, n, c.act, hp, I, j0);
+      const T* nw = next_e >= 0 ? c.w1 + next_e * 2 * I * H : nullptr;
+      bf16_tiles::gemm_glu(w + j0 * H, w + (I + j0) * H, H, rows, H, xp, n, c.act, hp, I, j0,
+                           nw ? nw + next_j0 * H : nullptr, nw ? nw + (I + next_j0) * H : nullptr);
       return;
     }
     thread_local std::vector<float> cg, cu, hv;
@@ -589,13 +595,14 @@ void bf16_up_task(ForwardCtx<T>& c, int64_t e, int64_t j0, int64_t j1) {
 }
 
 template <typename T>
-void bf16_down_task(ForwardCtx<T>& c, int64_t e, int64_t h0, int64_t h1) {
+void bf16_down_task(ForwardCtx<T>& c, int64_t e, int64_t h0, int64_t h1, int64_t next_e, int64_t next_h0) {
   if constexpr (std::is_same_v<T, c10::BFloat16>) {
     const int64_t H = c.g.hidden, I = c.g.inter, n = c.count(e), s0 = c.r.offsets[e];
     const int64_t rows = h1 - h0, ld = bf16_tiles::padded(n);
     thread_local std::vector<float> cy;
     cy.resize(rows * ld);
-    bf16_tiles::gemm(c.w2 + e * H * I + h0 * I, I, rows, I, c.hpack.data() + c.hoff[e], n, cy.data(), ld);
+    bf16_tiles::gemm(c.w2 + e * H * I + h0 * I, I, rows, I, c.hpack.data() + c.hoff[e], n, cy.data(), ld,
+                     next_e >= 0 ? c.w2 + next_e * H * I + next_h0 * I : nullptr);
     for (int64_t t = 0; t < n; ++t) {
       const int64_t p = c.r.order[s0 + t];
       const float wp = c.weight(p);
@@ -768,7 +775,7 @@ std::tuple<at::Tensor, at::Tensor> forward_impl(const at::Tensor& hidden, const 
         break;
     }
   }
-  parallel_tasks(static_cast<int64_t>(tasks.size()), [&](int64_t i) {
+  parallel_tasks(static_cast<int64_t>(tasks.size()), [&](int64_t i, int64_t) {
     const Task& t = tasks[i];
     const int64_t s0 = r.offsets[t.e];
     if (c.path[t.e] == Path::kBf16Tiles) {
@@ -799,12 +806,16 @@ std::tuple<at::Tensor, at::Tensor> forward_impl(const at::Tensor& hidden, const 
     }
   };
   auto run_phase = [&](bool up) {
-    parallel_tasks(static_cast<int64_t>(tasks.size()), [&](int64_t i) {
+    parallel_tasks(static_cast<int64_t>(tasks.size()), [&](int64_t i, int64_t guess) {
       const Task& t = tasks[i];
       switch (c.path[t.e]) {
-        case Path::kBf16Tiles:
-          up ? bf16_up_task<T>(c, t.e, t.a, t.b) : bf16_down_task<T>(c, t.e, t.a, t.b);
+        case Path::kBf16Tiles: {
+          // the likely next task's first weight rows are fetched while this task's last block runs
+          const bool pf = guess < static_cast<int64_t>(tasks.size()) && c.path[tasks[guess].e] == Path::kBf16Tiles;
+          const int64_t pe = pf ? tasks[guess].e : -1, pa = pf ? tasks[guess].a : 0;
+          up ? bf16_up_task<T>(c, t.e, t.a, t.b, pe, pa) : bf16_down_task<T>(c, t.e, t.a, t.b, pe, pa);
           break;
+        }
         case Path::kTiles:
           if constexpr (kGemm) up ? gemm_up_task<T>(c, t.e, t.a, t.b) : gemm_down_task<T>(c, t.e, t.a, t.b);
           break;
