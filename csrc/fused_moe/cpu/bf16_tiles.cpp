@@ -4,7 +4,9 @@
 #include <c10/util/Exception.h>
 
 #include <algorithm>
+#include <array>
 #include <cstring>
+#include <utility>
 
 #include "common/cpu_avx512_math.h"
 #include "common/cpu_isa.h"
@@ -48,9 +50,11 @@ ACCEL_AVX512BF16_TARGET inline __m512i pair_words(__m512 lo, __m512 hi) {
   const __m512i h = _mm512_cvtepu16_epi32((__m256i)_mm512_cvtneps_pbh(hi));
   return _mm512_or_si512(l, _mm512_slli_epi32(h, 16));
 }
-ACCEL_AVX512BF16_TARGET inline void pair16(const float* lo, const float* hi, uint32_t* out, __mmask16 m) {
-  const __m512 h = hi ? _mm512_maskz_loadu_ps(m, hi) : _mm512_setzero_ps();
-  _mm512_storeu_si512(out, pair_words(_mm512_maskz_loadu_ps(m, lo), h));
+// up to 16 tokens (store mask `st`; lanes of `ld` loaded, the rest zero)
+ACCEL_AVX512BF16_TARGET inline void pair16(const float* lo, const float* hi, uint32_t* out, __mmask16 ld,
+                                           __mmask16 st) {
+  const __m512 h = hi ? _mm512_maskz_loadu_ps(ld, hi) : _mm512_setzero_ps();
+  _mm512_mask_storeu_epi32(out, st, pair_words(_mm512_maskz_loadu_ps(ld, lo), h));
 }
 }  // namespace
 #endif
@@ -65,9 +69,11 @@ void pack_feature_pair(const float* src0, const float* src1, int64_t n, int64_t 
     // the panel's padding tokens come out zero (masked loads): their output columns are never
     // read, but no workspace garbage goes through the kernel
     for (int64_t t = 0; t < width; t += 16) {
-      const int64_t left = std::max<int64_t>(0, std::min<int64_t>(16, cnt - t));
-      const __mmask16 m = static_cast<__mmask16>((1u << left) - 1u);
-      pair16(src0 + t0 + t, src1 ? src1 + t0 + t : nullptr, out + t, m);
+      const int64_t chunk = std::min<int64_t>(16, width - t);  // 16, or 8 at an odd multiple of 8
+      const int64_t left = std::max<int64_t>(0, std::min<int64_t>(chunk, cnt - t));
+      const __mmask16 ld = static_cast<__mmask16>((1u << left) - 1u);
+      const __mmask16 st = static_cast<__mmask16>((1u << chunk) - 1u);
+      pair16(src0 + t0 + t, src1 ? src1 + t0 + t : nullptr, out + t, ld, st);
     }
   }
 #else
@@ -83,47 +89,61 @@ namespace {
 #pragma GCC diagnostic push
 #pragma GCC diagnostic ignored "-Wmaybe-uninitialized"
 
-// C (MR x 16 NV, ld ldc) = A (MR rows, ld lda, K elements) x one packed panel of 16 NV tokens.
+// A panel of width 8 W8 tokens runs as NV = W8 / 2 zmm vectors of 16 tokens and, for odd W8, one ymm
+// vector of 8 (vdpbf16ps on 256 bits: the same rate per token), so that an expert's last tokens
+// are padded to 8, not 16.
+template <int W8>
+struct Cols {
+  static constexpr int kNV = W8 / 2;
+  static constexpr bool kHalf = W8 % 2 == 1;
+  static constexpr int kArr = kNV > 0 ? kNV : 1;  // array extent (no zero-length arrays)
+  static constexpr int64_t kStep = 16 * W8;        // bf16 elements of the packed panel per pair step
+};
+
+// C (MR x 8 W8, ld ldc) = A (MR rows, ld lda, K elements) x one packed panel of 8 W8 tokens.
 // prefetch: null, or the next register block's rows (contiguous, 8 rows of K): 32 bytes of it per
 // pair step bring it into L2 by the end of this call.
-template <int MR, int NV>
+template <int MR, int W8>
 ACCEL_AVX512BF16_TARGET void kernel(const c10::BFloat16* A, int64_t lda, int64_t K, const c10::BFloat16* B,
                                     float* C, int64_t ldc, const char* prefetch) {
-  constexpr int64_t kStep = 32 * NV;  // elements of B per pair step
+  using Co = Cols<W8>;
+  constexpr int NV = Co::kNV;
   const int64_t full = K / 2;
-  __m512 acc[MR][NV];
+  __m512 acc[MR][Co::kArr];
+  __m256 acch[MR];
 #pragma GCC unroll 8
   for (int m = 0; m < MR; ++m) {
 #pragma GCC unroll 4
     for (int v = 0; v < NV; ++v) acc[m][v] = _mm512_setzero_ps();
+    acch[m] = _mm256_setzero_ps();
   }
+  // one pair step: pair (k, k + 1) of the rows, or (lone) element k alone, K's odd last element
+  // (its pair's high half is zero in both operands)
+  auto step = [&](int64_t k, const c10::BFloat16* Bq, bool lone) ACCEL_AVX512BF16_TARGET {
+    __m512bh b[Co::kArr];
+#pragma GCC unroll 4
+    for (int v = 0; v < NV; ++v) b[v] = (__m512bh)_mm512_loadu_si512(Bq + 32 * v);
+    __m256bh bh;
+    if constexpr (Co::kHalf) bh = (__m256bh)_mm256_loadu_si256(reinterpret_cast<const __m256i*>(Bq + 32 * NV));
+#pragma GCC unroll 8
+    for (int m = 0; m < MR; ++m) {
+      const uint32_t w = lone ? bits(A[m * lda + k]) : load_pair(A + m * lda + k);
+      const __m512i a = _mm512_set1_epi32(static_cast<int>(w));
+#pragma GCC unroll 4
+      for (int v = 0; v < NV; ++v) acc[m][v] = _mm512_dpbf16_ps(acc[m][v], (__m512bh)a, b[v]);
+      if constexpr (Co::kHalf) acch[m] = _mm256_dpbf16_ps(acch[m], (__m256bh)_mm512_castsi512_si256(a), bh);
+    }
+  };
   for (int64_t q = 0; q < full; ++q) {
     if (prefetch && (q & 1) == 0) _mm_prefetch(prefetch + q * 32, _MM_HINT_T1);
-    __m512bh b[NV];
-#pragma GCC unroll 4
-    for (int v = 0; v < NV; ++v) b[v] = (__m512bh)_mm512_loadu_si512(B + q * kStep + 32 * v);
-#pragma GCC unroll 8
-    for (int m = 0; m < MR; ++m) {
-      const __m512bh a = (__m512bh)_mm512_set1_epi32(static_cast<int>(load_pair(A + m * lda + 2 * q)));
-#pragma GCC unroll 4
-      for (int v = 0; v < NV; ++v) acc[m][v] = _mm512_dpbf16_ps(acc[m][v], a, b[v]);
-    }
+    step(2 * q, B + q * Co::kStep, false);
   }
-  if (K & 1) {  // the last element alone: its pair's high half is zero in both operands
-    __m512bh b[NV];
-#pragma GCC unroll 4
-    for (int v = 0; v < NV; ++v) b[v] = (__m512bh)_mm512_loadu_si512(B + full * kStep + 32 * v);
-#pragma GCC unroll 8
-    for (int m = 0; m < MR; ++m) {
-      const __m512bh a = (__m512bh)_mm512_set1_epi32(static_cast<int>(bits(A[m * lda + K - 1])));
-#pragma GCC unroll 4
-      for (int v = 0; v < NV; ++v) acc[m][v] = _mm512_dpbf16_ps(acc[m][v], a, b[v]);
-    }
-  }
+  if (K & 1) step(K - 1, B + full * Co::kStep, true);
 #pragma GCC unroll 8
   for (int m = 0; m < MR; ++m) {
 #pragma GCC unroll 4
     for (int v = 0; v < NV; ++v) _mm512_storeu_ps(C + m * ldc + 16 * v, acc[m][v]);
+    if constexpr (Co::kHalf) _mm256_storeu_ps(C + m * ldc + 16 * NV, acch[m]);
   }
 }
 // act(z) in fp32, as activation_forward: SiLU z / (1 + e^-z); GELU 0.5 z (1 + erf(z / sqrt 2)) with
@@ -160,97 +180,108 @@ ACCEL_AVX512BF16_TARGET inline __m512 activate(__m512 z, Activation act) {
   }
 }
 
-// One pair step of glu_kernel: pair (k, k + 1) of the rows, or element k alone (kLone: K's odd last
-// element, whose pair has a zero high half in both operands), against 16 NV packed tokens at Bq.
-template <int MF, int NV, bool kLone>
-ACCEL_AVX512BF16_TARGET __attribute__((always_inline)) inline void glu_step(const c10::BFloat16* G,
-                                                                            const c10::BFloat16* U, int64_t lda,
-                                                                            int64_t k, const c10::BFloat16* Bq,
-                                                                            __m512 (&ag)[MF][NV], __m512 (&au)[MF][NV]) {
-  __m512bh b[NV];
-#pragma GCC unroll 4
-  for (int v = 0; v < NV; ++v) b[v] = (__m512bh)_mm512_loadu_si512(Bq + 32 * v);
-#pragma GCC unroll 4
-  for (int m = 0; m < MF; ++m) {
-    const uint32_t gp = kLone ? bits(G[m * lda + k]) : load_pair(G + m * lda + k);
-    const uint32_t up = kLone ? bits(U[m * lda + k]) : load_pair(U + m * lda + k);
-    const __m512bh a = (__m512bh)_mm512_set1_epi32(static_cast<int>(gp));
-#pragma GCC unroll 4
-    for (int v = 0; v < NV; ++v) ag[m][v] = _mm512_dpbf16_ps(ag[m][v], a, b[v]);
-    const __m512bh c = (__m512bh)_mm512_set1_epi32(static_cast<int>(up));
-#pragma GCC unroll 4
-    for (int v = 0; v < NV; ++v) au[m][v] = _mm512_dpbf16_ps(au[m][v], c, b[v]);
-  }
-}
-
 // gemm_glu's block: MF features' gate rows G and up rows U (ld lda, K elements) x one packed panel
-// of 16 NV tokens; h = act(g) u goes out as (MF + 1) / 2 feature pairs of the packed h block:
-// pair i's 16 NV words at out + i * width. pf_g, pf_u: null, or the next block's gate and up rows
+// of 8 W8 tokens; h = act(g) u goes out as (MF + 1) / 2 feature pairs of the packed h block: pair
+// i's 8 W8 words at out + i * width. pf_g, pf_u: null, or the next block's gate and up rows
 // (contiguous, MF rows of K each), fetched into L2 64 bytes of each every 4 pair steps.
-template <int MF, int NV>
+template <int MF, int W8>
 ACCEL_AVX512BF16_TARGET void glu_kernel(const c10::BFloat16* G, const c10::BFloat16* U, int64_t lda, int64_t K,
                                         const c10::BFloat16* B, Activation act, uint32_t* out, int64_t width,
                                         const char* pf_g, const char* pf_u) {
-  constexpr int64_t kStep = 32 * NV;
+  using Co = Cols<W8>;
+  constexpr int NV = Co::kNV;
   const int64_t full = K / 2;
-  __m512 ag[MF][NV], au[MF][NV];
+  __m512 ag[MF][Co::kArr], au[MF][Co::kArr];
+  __m256 agh[MF], auh[MF];
 #pragma GCC unroll 4
   for (int m = 0; m < MF; ++m) {
 #pragma GCC unroll 4
     for (int v = 0; v < NV; ++v) ag[m][v] = au[m][v] = _mm512_setzero_ps();
+    agh[m] = auh[m] = _mm256_setzero_ps();
   }
+  auto step = [&](int64_t k, const c10::BFloat16* Bq, bool lone) ACCEL_AVX512BF16_TARGET {
+    __m512bh b[Co::kArr];
+#pragma GCC unroll 4
+    for (int v = 0; v < NV; ++v) b[v] = (__m512bh)_mm512_loadu_si512(Bq + 32 * v);
+    __m256bh bh;
+    if constexpr (Co::kHalf) bh = (__m256bh)_mm256_loadu_si256(reinterpret_cast<const __m256i*>(Bq + 32 * NV));
+#pragma GCC unroll 4
+    for (int m = 0; m < MF; ++m) {
+      const uint32_t gw = lone ? bits(G[m * lda + k]) : load_pair(G + m * lda + k);
+      const uint32_t uw = lone ? bits(U[m * lda + k]) : load_pair(U + m * lda + k);
+      const __m512i a = _mm512_set1_epi32(static_cast<int>(gw));
+#pragma GCC unroll 4
+      for (int v = 0; v < NV; ++v) ag[m][v] = _mm512_dpbf16_ps(ag[m][v], (__m512bh)a, b[v]);
+      if constexpr (Co::kHalf) agh[m] = _mm256_dpbf16_ps(agh[m], (__m256bh)_mm512_castsi512_si256(a), bh);
+      const __m512i c = _mm512_set1_epi32(static_cast<int>(uw));
+#pragma GCC unroll 4
+      for (int v = 0; v < NV; ++v) au[m][v] = _mm512_dpbf16_ps(au[m][v], (__m512bh)c, b[v]);
+      if constexpr (Co::kHalf) auh[m] = _mm256_dpbf16_ps(auh[m], (__m256bh)_mm512_castsi512_si256(c), bh);
+    }
+  };
   for (int64_t q = 0; q < full; ++q) {
     if (pf_g && (q & 3) == 0) {
       _mm_prefetch(pf_g + q * 16, _MM_HINT_T1);
       _mm_prefetch(pf_u + q * 16, _MM_HINT_T1);
     }
-    glu_step<MF, NV, false>(G, U, lda, 2 * q, B + q * kStep, ag, au);
+    step(2 * q, B + q * Co::kStep, false);
   }
-  if (K & 1) glu_step<MF, NV, true>(G, U, lda, K - 1, B + full * kStep, ag, au);
+  if (K & 1) step(K - 1, B + full * Co::kStep, true);
+  const __m512 zero = _mm512_setzero_ps();
 #pragma GCC unroll 4
   for (int m = 0; m < MF; m += 2) {
+    const bool pair = m + 1 < MF;  // else the lone last feature of an odd I: high half zero
 #pragma GCC unroll 4
     for (int v = 0; v < NV; ++v) {
       const __m512 lo = _mm512_mul_ps(activate(ag[m][v], act), au[m][v]);
-      const __m512 hi = m + 1 < MF ? _mm512_mul_ps(activate(ag[m + 1][v], act), au[m + 1][v]) : _mm512_setzero_ps();
+      const __m512 hi = pair ? _mm512_mul_ps(activate(ag[m + 1][v], act), au[m + 1][v]) : zero;
       _mm512_storeu_si512(out + (m / 2) * width + 16 * v, pair_words(lo, hi));
+    }
+    if constexpr (Co::kHalf) {  // 8 tokens, activated in the low half of a zmm (the rest zero)
+      const __m512 lo = _mm512_mul_ps(activate(_mm512_zextps256_ps512(agh[m]), act), _mm512_zextps256_ps512(auh[m]));
+      const __m512 hi = pair ? _mm512_mul_ps(activate(_mm512_zextps256_ps512(agh[m + 1]), act),
+                                             _mm512_zextps256_ps512(auh[m + 1]))
+                             : zero;
+      _mm256_storeu_si256(reinterpret_cast<__m256i*>(out + (m / 2) * width + 16 * NV),
+                          _mm512_castsi512_si256(pair_words(lo, hi)));
     }
   }
 }
 
 using GluKernel = void (*)(const c10::BFloat16*, const c10::BFloat16*, int64_t, int64_t, const c10::BFloat16*,
                            Activation, uint32_t*, int64_t, const char*, const char*);
-
-template <int MF>
-constexpr GluKernel pick_glu(int nv) {
-  return nv == 1 ? &glu_kernel<MF, 1> : nv == 2 ? &glu_kernel<MF, 2> : &glu_kernel<MF, 3>;
-}
-
-GluKernel glu_kernel_for(int64_t mf, int64_t nv) {
-  static const GluKernel table[4][3] = {{pick_glu<1>(1), pick_glu<1>(2), pick_glu<1>(3)},
-                                        {pick_glu<2>(1), pick_glu<2>(2), pick_glu<2>(3)},
-                                        {pick_glu<3>(1), pick_glu<3>(2), pick_glu<3>(3)},
-                                        {pick_glu<4>(1), pick_glu<4>(2), pick_glu<4>(3)}};
-  return table[mf - 1][nv - 1];
-}
-#pragma GCC diagnostic pop
-
 using Kernel = void (*)(const c10::BFloat16*, int64_t, int64_t, const c10::BFloat16*, float*, int64_t,
                        const char*);
 
-template <int MR>
-constexpr Kernel pick(int nv) {
-  return nv == 1 ? &kernel<MR, 1> : nv == 2 ? &kernel<MR, 2> : &kernel<MR, 3>;
+constexpr int kMaxW8 = kPanel / 8;  // panel widths 8 .. 48 tokens
+
+template <int MR, int... W>
+constexpr std::array<Kernel, kMaxW8> kernel_row(std::integer_sequence<int, W...>) {
+  return {&kernel<MR, W + 1>...};
+}
+template <int... M>
+constexpr std::array<std::array<Kernel, kMaxW8>, sizeof...(M)> kernel_table(std::integer_sequence<int, M...>) {
+  return {kernel_row<M + 1>(std::make_integer_sequence<int, kMaxW8>{})...};
+}
+template <int MF, int... W>
+constexpr std::array<GluKernel, kMaxW8> glu_row(std::integer_sequence<int, W...>) {
+  return {&glu_kernel<MF, W + 1>...};
+}
+template <int... M>
+constexpr std::array<std::array<GluKernel, kMaxW8>, sizeof...(M)> glu_table(std::integer_sequence<int, M...>) {
+  return {glu_row<M + 1>(std::make_integer_sequence<int, kMaxW8>{})...};
 }
 
-Kernel kernel_for(int64_t mr, int64_t nv) {
-  static const Kernel table[8][3] = {
-      {pick<1>(1), pick<1>(2), pick<1>(3)}, {pick<2>(1), pick<2>(2), pick<2>(3)},
-      {pick<3>(1), pick<3>(2), pick<3>(3)}, {pick<4>(1), pick<4>(2), pick<4>(3)},
-      {pick<5>(1), pick<5>(2), pick<5>(3)}, {pick<6>(1), pick<6>(2), pick<6>(3)},
-      {pick<7>(1), pick<7>(2), pick<7>(3)}, {pick<8>(1), pick<8>(2), pick<8>(3)}};
-  return table[mr - 1][nv - 1];
+// mr rows (1-8) x a panel of `width` tokens (a multiple of 8, at most kPanel)
+Kernel kernel_for(int64_t mr, int64_t width) {
+  static constexpr auto table = kernel_table(std::make_integer_sequence<int, 8>{});
+  return table[mr - 1][width / 8 - 1];
 }
+GluKernel glu_kernel_for(int64_t mf, int64_t width) {
+  static constexpr auto table = glu_table(std::make_integer_sequence<int, 4>{});
+  return table[mf - 1][width / 8 - 1];
+}
+#pragma GCC diagnostic pop
 
 constexpr int64_t kRows = 8;                     // feature rows per register block
 constexpr int64_t kGluRows = 4;                  // gemm_glu: features (gate and up rows) per block
@@ -276,9 +307,9 @@ void gemm(const c10::BFloat16* A, int64_t lda, int64_t rows, int64_t K, const c1
       // read once per call) while this block computes; the very last block, `then`
       const c10::BFloat16* next = m0 + kRows < rows ? A + (m0 + kRows) * lda : p1 == np ? then : nullptr;
       for (int64_t p = p0; p < p1; ++p) {
-        const int64_t nv = panel_width(n, p) / 16;
+        const int64_t width = panel_width(n, p);
         const char* pf = p == p0 ? reinterpret_cast<const char*>(next) : nullptr;
-        kernel_for(mr, nv)(A + m0 * lda, lda, K, packed + panel_offset(p, K), C + m0 * ldc + p * kPanel, ldc, pf);
+        kernel_for(mr, width)(A + m0 * lda, lda, K, packed + panel_offset(p, K), C + m0 * ldc + p * kPanel, ldc, pf);
       }
     }
   }
@@ -308,7 +339,7 @@ void gemm_glu(const c10::BFloat16* Wg, const c10::BFloat16* Wu, int64_t lda, int
         const int64_t width = panel_width(n, p);
         const bool pf = p == p0 && next_g;
         uint32_t* out = reinterpret_cast<uint32_t*>(hpacked + panel_offset(p, I)) + (j0 + m0) / 2 * width;
-        glu_kernel_for(mf, width / 16)(Wg + m0 * lda, Wu + m0 * lda, lda, K, packed + panel_offset(p, K), act, out,
+        glu_kernel_for(mf, width)(Wg + m0 * lda, Wu + m0 * lda, lda, K, packed + panel_offset(p, K), act, out,
                                        width, pf ? reinterpret_cast<const char*>(next_g) : nullptr,
                                        pf ? reinterpret_cast<const char*>(next_u) : nullptr);
       }

@@ -12,7 +12,8 @@
 //
 // Register block: 8 feature rows x 3 vectors of 16 tokens = 24 fp32 accumulators, 3 B vectors and
 // one broadcast; per pair step 3 vector loads and 8 broadcasts feed 24 vdpbf16ps. Narrower blocks
-// for the feature tail (1-7 rows) and the last panel (16 or 32 tokens).
+// for the feature tail (1-7 rows) and the last panel (8 to 40 tokens, in steps of 8: the odd 8 as a
+// 256-bit vector).
 #pragma once
 
 #include <c10/util/BFloat16.h>
@@ -27,13 +28,13 @@ constexpr int64_t kPanel = 48;  // tokens per full B panel
 
 inline int64_t pairs(int64_t K) { return (K + 1) / 2; }
 inline int64_t panels(int64_t n) { return (n + kPanel - 1) / kPanel; }
-// Tokens in panel p, rounded up to 16 (the last panel may be narrower than kPanel).
+// Tokens in panel p, rounded up to 8 (the last panel may be narrower than kPanel).
 inline int64_t panel_width(int64_t n, int64_t p) {
   const int64_t left = n - p * kPanel;
-  return left >= kPanel ? kPanel : (left + 15) / 16 * 16;
+  return left >= kPanel ? kPanel : (left + 7) / 8 * 8;
 }
-// Columns of C that gemm() writes for n tokens: n rounded up to 16.
-inline int64_t padded(int64_t n) { return (n + 15) / 16 * 16; }
+// Columns of C that gemm() writes for n tokens: n rounded up to 8.
+inline int64_t padded(int64_t n) { return (n + 7) / 8 * 8; }
 // Elements of a packed block of n tokens x K, and where panel p starts in it.
 inline int64_t packed_size(int64_t n, int64_t K) { return padded(n) * 2 * pairs(K); }
 inline int64_t panel_offset(int64_t p, int64_t K) { return p * kPanel * 2 * pairs(K); }
