@@ -472,6 +472,39 @@ def test_experts_without_tokens_get_zero_gradients(dtype):
     assert got[2][unused].abs().max().item() == 0.0 and got[3][unused].abs().max().item() == 0.0
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_weight_gradients_from_reused_buffers(dtype):
+    """The CPU backward writes the weight gradients into buffers from accel's block cache (from
+    8 MiB up): a buffer freed by one backward comes back, dirty, to the next. Experts without
+    tokens must still get exact zeros, and a gradient still alive must not be overwritten."""
+    from accel.memory import cpu_cache_stats
+    T, E, H, I = 16, 4, 1024, 640  # gate_up_proj's gradient: 4 x 1280 x 1024 elements, >= 8 MiB in bf16
+    g = _gen(11)
+    x = torch.randn(T, H, generator=g).to(dtype)
+    w1 = (torch.randn(E, 2 * I, H, generator=g) * 0.05).to(dtype).requires_grad_()
+    w2 = (torch.randn(E, H, I, generator=g) * 0.05).to(dtype).requires_grad_()
+    tw = torch.rand(T, 2, generator=g)
+    every = torch.stack([torch.arange(T) % E, (torch.arange(T) + 1) % E], 1)
+    only_one = torch.zeros(T, 1, dtype=torch.long)
+
+    def grads(ids, weights):
+        w1.grad = w2.grad = None
+        fused_moe(x, w1, w2, topk_weights=weights, topk_ids=ids).sum().backward()
+        return w1.grad, w2.grad
+
+    grads(every, tw)  # writes every expert's slice; freed when the next call resets .grad
+    hits = cpu_cache_stats()["hits"]
+    d1, d2 = grads(only_one, tw[:, :1])  # gets those dirty buffers back
+    assert cpu_cache_stats()["hits"] > hits, "the second backward should reuse the first one's buffers"
+    assert d1[1:].abs().max().item() == 0.0 and d2[1:].abs().max().item() == 0.0
+    assert d1[0].abs().max().item() > 0 and d2[0].abs().max().item() > 0
+    kept = (d1.clone(), d2.clone())
+    w1.grad = w2.grad = None  # d1, d2 stay alive here: their buffers must not be handed out again
+    e1, e2 = grads(every, tw)
+    assert torch.equal(d1, kept[0]) and torch.equal(d2, kept[1])
+    assert e1.data_ptr() != d1.data_ptr() and e2.data_ptr() != d2.data_ptr()
+
+
 @pytest.mark.parametrize("dtype", DTYPES)
 def test_repeated_expert_in_a_row(dtype):
     """ids are only required to lie in [0, E): a token may name the same expert in two slots."""
