@@ -100,6 +100,27 @@ struct Cols {
   static constexpr int64_t kStep = 16 * W8;        // bf16 elements of the packed panel per pair step
 };
 
+// One pair step's B operand: the panel's NV vectors of 16 tokens (and the odd 8 as a ymm).
+template <int W8>
+ACCEL_AVX512BF16_TARGET __attribute__((always_inline)) inline void load_step(const c10::BFloat16* Bq, __m512bh* b,
+                                                                             __m256bh& bh) {
+  using Co = Cols<W8>;
+#pragma GCC unroll 4
+  for (int v = 0; v < Co::kNV; ++v) b[v] = (__m512bh)_mm512_loadu_si512(Bq + 32 * v);
+  if constexpr (Co::kHalf) bh = (__m256bh)_mm256_loadu_si256(reinterpret_cast<const __m256i*>(Bq + 32 * Co::kNV));
+}
+
+// acc += the pair w (broadcast) times the step's B vectors, for one row of the register block.
+template <int W8>
+ACCEL_AVX512BF16_TARGET __attribute__((always_inline)) inline void dp_step(uint32_t w, const __m512bh* b, __m256bh bh,
+                                                                           __m512* acc, __m256& acch) {
+  using Co = Cols<W8>;
+  const __m512i a = _mm512_set1_epi32(static_cast<int>(w));
+#pragma GCC unroll 4
+  for (int v = 0; v < Co::kNV; ++v) acc[v] = _mm512_dpbf16_ps(acc[v], (__m512bh)a, b[v]);
+  if constexpr (Co::kHalf) acch = _mm256_dpbf16_ps(acch, (__m256bh)_mm512_castsi512_si256(a), bh);
+}
+
 // C (MR x 8 W8, ld ldc) = A (MR rows, ld lda, K elements) x one packed panel of 8 W8 tokens.
 // prefetch: null, or the next register block's rows (contiguous, 8 rows of K): 32 bytes of it per
 // pair step bring it into L2 by the end of this call.
@@ -121,17 +142,11 @@ ACCEL_AVX512BF16_TARGET void kernel(const c10::BFloat16* A, int64_t lda, int64_t
   // (its pair's high half is zero in both operands)
   auto step = [&](int64_t k, const c10::BFloat16* Bq, bool lone) ACCEL_AVX512BF16_TARGET {
     __m512bh b[Co::kArr];
-#pragma GCC unroll 4
-    for (int v = 0; v < NV; ++v) b[v] = (__m512bh)_mm512_loadu_si512(Bq + 32 * v);
     __m256bh bh;
-    if constexpr (Co::kHalf) bh = (__m256bh)_mm256_loadu_si256(reinterpret_cast<const __m256i*>(Bq + 32 * NV));
+    load_step<W8>(Bq, b, bh);
 #pragma GCC unroll 8
     for (int m = 0; m < MR; ++m) {
-      const uint32_t w = lone ? bits(A[m * lda + k]) : load_pair(A + m * lda + k);
-      const __m512i a = _mm512_set1_epi32(static_cast<int>(w));
-#pragma GCC unroll 4
-      for (int v = 0; v < NV; ++v) acc[m][v] = _mm512_dpbf16_ps(acc[m][v], (__m512bh)a, b[v]);
-      if constexpr (Co::kHalf) acch[m] = _mm256_dpbf16_ps(acch[m], (__m256bh)_mm512_castsi512_si256(a), bh);
+      dp_step<W8>(lone ? bits(A[m * lda + k]) : load_pair(A + m * lda + k), b, bh, acc[m], acch[m]);
     }
   };
   for (int64_t q = 0; q < full; ++q) {
@@ -201,22 +216,12 @@ ACCEL_AVX512BF16_TARGET void glu_kernel(const c10::BFloat16* G, const c10::BFloa
   }
   auto step = [&](int64_t k, const c10::BFloat16* Bq, bool lone) ACCEL_AVX512BF16_TARGET {
     __m512bh b[Co::kArr];
-#pragma GCC unroll 4
-    for (int v = 0; v < NV; ++v) b[v] = (__m512bh)_mm512_loadu_si512(Bq + 32 * v);
     __m256bh bh;
-    if constexpr (Co::kHalf) bh = (__m256bh)_mm256_loadu_si256(reinterpret_cast<const __m256i*>(Bq + 32 * NV));
+    load_step<W8>(Bq, b, bh);
 #pragma GCC unroll 4
     for (int m = 0; m < MF; ++m) {
-      const uint32_t gw = lone ? bits(G[m * lda + k]) : load_pair(G + m * lda + k);
-      const uint32_t uw = lone ? bits(U[m * lda + k]) : load_pair(U + m * lda + k);
-      const __m512i a = _mm512_set1_epi32(static_cast<int>(gw));
-#pragma GCC unroll 4
-      for (int v = 0; v < NV; ++v) ag[m][v] = _mm512_dpbf16_ps(ag[m][v], (__m512bh)a, b[v]);
-      if constexpr (Co::kHalf) agh[m] = _mm256_dpbf16_ps(agh[m], (__m256bh)_mm512_castsi512_si256(a), bh);
-      const __m512i c = _mm512_set1_epi32(static_cast<int>(uw));
-#pragma GCC unroll 4
-      for (int v = 0; v < NV; ++v) au[m][v] = _mm512_dpbf16_ps(au[m][v], (__m512bh)c, b[v]);
-      if constexpr (Co::kHalf) auh[m] = _mm256_dpbf16_ps(auh[m], (__m256bh)_mm512_castsi512_si256(c), bh);
+      dp_step<W8>(lone ? bits(G[m * lda + k]) : load_pair(G + m * lda + k), b, bh, ag[m], agh[m]);
+      dp_step<W8>(lone ? bits(U[m * lda + k]) : load_pair(U + m * lda + k), b, bh, au[m], auh[m]);
     }
   };
   for (int64_t q = 0; q < full; ++q) {
