@@ -81,11 +81,11 @@ inline Vectorized<T> erf_vec(const Vectorized<T>& x) {
     using Vec = Vectorized<float>;
     const Vec one(1.f);
     const Vec a = at::vec::minimum(x.abs(), Vec(4.f));
-    const Vec t = one / at::vec::fmadd(Vec(0.3275911f), a, one);
-    Vec poly = at::vec::fmadd(Vec(1.061405429f), t, Vec(-1.453152027f));
-    poly = at::vec::fmadd(poly, t, Vec(1.421413741f));
-    poly = at::vec::fmadd(poly, t, Vec(-0.284496736f));
-    poly = at::vec::fmadd(poly, t, Vec(0.254829592f)) * t;
+    const Vec t = one / at::vec::fmadd(Vec(kErfAS[0]), a, one);
+    Vec poly = at::vec::fmadd(Vec(kErfAS[5]), t, Vec(kErfAS[4]));
+    poly = at::vec::fmadd(poly, t, Vec(kErfAS[3]));
+    poly = at::vec::fmadd(poly, t, Vec(kErfAS[2]));
+    poly = at::vec::fmadd(poly, t, Vec(kErfAS[1])) * t;
     const Vec y = one - poly * (a * a).neg().exp_u20();
     return Vec::blendv(y, y.neg(), x < Vec(0.f));
   } else {

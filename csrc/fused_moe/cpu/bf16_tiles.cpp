@@ -178,11 +178,11 @@ ACCEL_AVX512BF16_TARGET inline __m512 activate(__m512 z, Activation act) {
       const __m512 one = _mm512_set1_ps(1.f);
       const __m512 x = _mm512_mul_ps(z, _mm512_set1_ps(0.70710678118654752440f));
       const __m512 a = _mm512_min_ps(_mm512_set1_ps(4.f), _mm512_abs_ps(x));  // erf(4) is 1 in fp32
-      const __m512 t = _mm512_div_ps(one, _mm512_fmadd_ps(_mm512_set1_ps(0.3275911f), a, one));
-      __m512 p = _mm512_fmadd_ps(_mm512_set1_ps(1.061405429f), t, _mm512_set1_ps(-1.453152027f));
-      p = _mm512_fmadd_ps(p, t, _mm512_set1_ps(1.421413741f));
-      p = _mm512_fmadd_ps(p, t, _mm512_set1_ps(-0.284496736f));
-      p = _mm512_mul_ps(_mm512_fmadd_ps(p, t, _mm512_set1_ps(0.254829592f)), t);
+      const __m512 t = _mm512_div_ps(one, _mm512_fmadd_ps(_mm512_set1_ps(kErfAS[0]), a, one));
+      __m512 p = _mm512_fmadd_ps(_mm512_set1_ps(kErfAS[5]), t, _mm512_set1_ps(kErfAS[4]));
+      p = _mm512_fmadd_ps(p, t, _mm512_set1_ps(kErfAS[3]));
+      p = _mm512_fmadd_ps(p, t, _mm512_set1_ps(kErfAS[2]));
+      p = _mm512_mul_ps(_mm512_fmadd_ps(p, t, _mm512_set1_ps(kErfAS[1])), t);
       const __m512 e = cpu::exp2_avx512(_mm512_mul_ps(_mm512_mul_ps(a, a), _mm512_set1_ps(-kLog2e)));
       const __m512 y = _mm512_fnmadd_ps(p, e, one);  // erf(|x|) >= 0: x's sign goes on by bits
       const __m512 erf = _mm512_or_ps(y, _mm512_and_ps(x, _mm512_set1_ps(-0.f)));
