@@ -23,7 +23,9 @@ once-per-run measurement over 512 MiB (:func:`harness.read_bandwidth`), which th
 leave far from the case's conditions.
 So that a call does not find its weights in the last-level cache where the previous call (of any
 implementation) left them, forward cases whose routed weights are small cycle through a few
-identical copies of the expert weights, one per call, as successive layers of a model would.
+copies of the expert weights, one per call, as successive layers of a model would: independent
+random draws (every implementation's first call, whose output the check compares, runs on the
+first copy).
 
 batched_mm gathers a ``(2I x H)`` and an ``(H x I)`` weight copy per (token, slot) (23 GB at T 512
 in fp32): it is skipped, with a note, where its estimated memory exceeds a cap (CPU: min(8 GiB, a
@@ -159,26 +161,35 @@ def build_moe(*, T: int, H: int, I: int, E: int, k: int, mode: str, device: str,
     w, ids = w.to(device), ids.to(device)
     g = torch.Generator(device=device).manual_seed(seed + 1)
     grad = mode != "fwd"
-    w1 = (torch.randn(E, 2 * I, H, generator=g, device=device) / math.sqrt(H)).to(dt)
-    w2 = (torch.randn(E, H, I, generator=g, device=device) / math.sqrt(I)).to(dt)
-    # identical copies (a model's successive layers): every call reads weights no recent call has read
-    layers = [(nn.Parameter(w1, requires_grad=grad), nn.Parameter(w2, requires_grad=grad))]
-    layers += [(nn.Parameter(w1.clone(), requires_grad=grad), nn.Parameter(w2.clone(), requires_grad=grad))
-               for _ in range(copies - 1)]
-    del w1, w2
+
+    def draw():
+        return ((torch.randn(E, 2 * I, H, generator=g, device=device) / math.sqrt(H)).to(dt),
+                (torch.randn(E, H, I, generator=g, device=device) / math.sqrt(I)).to(dt))
+
+    # the copies are independent draws, as a model's successive layers are: every call reads weights
+    # no recent call has read. Copies of the same values (clones) would read slower on some machines
+    # (on this project's VM 7-15% slower: page-level sharing of identical contents), and at different
+    # speeds for different kernels, which is not what a model's layers do.
+    layers = [tuple(nn.Parameter(t, requires_grad=grad) for t in draw()) for _ in range(copies)]
     mods: Dict[str, list] = {}
     for p in peers:
         if p != FALLBACK_PEER:
             mods[p] = [_experts_module(p, a, b, k) for a, b in layers]
-    counter = [0]
+    # every implementation's first call (the warm-up output the check compares) runs on copy 0; the
+    # calls after it take the copies in turn, shared by all implementations, starting after copy 0
+    counter = [1 % len(layers)]
+    started = set()
 
-    def next_layer() -> int:
+    def next_layer(name: str) -> int:
+        if name not in started:
+            started.add(name)
+            return 0
         i = counter[0]
         counter[0] = (i + 1) % len(layers)
         return i
 
     def accel_fn():
-        a, b = layers[next_layer()]
+        a, b = layers[next_layer("accel")]
         return fused_moe(x, a, b, topk_weights=w, topk_ids=ids, **accel_kw)
 
     def peer_fn(name):
@@ -186,12 +197,12 @@ def build_moe(*, T: int, H: int, I: int, E: int, k: int, mode: str, device: str,
             from accel.reference import fused_moe as loop
 
             def run():
-                a, b = layers[next_layer()]
+                a, b = layers[next_layer(name)]
                 return loop(x, a, b, topk_weights=w, topk_ids=ids)
             return run
 
         def run():
-            return mods[name][next_layer()](x, ids, w)
+            return mods[name][next_layer(name)](x, ids, w)
         return run
 
     fns = {"accel": accel_fn}
@@ -201,7 +212,9 @@ def build_moe(*, T: int, H: int, I: int, E: int, k: int, mode: str, device: str,
             # the read yardstick: a read-only reduction (row amax, fp32) over as many bytes as accel
             # must read, cycling through as many buffers as there are weight copies (so that it reads
             # memory no call of the previous round read either), timed in the same rounds
-            bufs = [torch.ones(read_bytes // (4 * READ_ROW), READ_ROW, device=device) for _ in range(copies)]
+            # (random values, like the weights: not pages of one repeated value)
+            bufs = [torch.rand(read_bytes // (4 * READ_ROW), READ_ROW, generator=g, device=device)
+                    for _ in range(copies)]
             at = [0]
 
             def read_fn():
@@ -240,8 +253,8 @@ def cases(args) -> List[Case]:
                  "per-expert loop (the same algorithm as transformers' eager experts) stands in")
     base_note += ("; accel GB/s (fwd) = bytes of the routed experts' weights (3 I H elements per distinct expert "
                   "in the ids) / median time, % = of the machine's read bandwidth (see the header); forward cases "
-                  "with few routed bytes cycle identical weight copies, one per call, so that no call finds its "
-                  "weights in cache")
+                  "with few routed bytes cycle weight copies (independent random draws), one per call, so that no "
+                  "call finds its weights in cache")
     out: List[Case] = []
     for mode in ("fwd", "fwd+bwd"):
         for T in Ts:
