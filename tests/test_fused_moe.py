@@ -438,6 +438,36 @@ def test_expert_token_counts_from_1_to_129(dtype):
     _check(case, inp, dtype)
 
 
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_same_output_for_any_thread_count(dtype):
+    """Every task runs once whichever thread claims it (contiguous ranges, leftovers taken from their
+    ends): the forward is bit-identical for 1, 2, 3 and 7 threads, including more threads than
+    tasks (expert 0 with one token, 3 tasks per phase) and experts on both paths."""
+    g = _gen(12)
+    dt = getattr(torch, dtype)
+    counts = (1, 0, 3, 9, 40, 65, 2, 16, 70)
+    ids = _ids_with_counts(counts, 2, g)
+    E, H, I = len(counts), 72, 88
+    x = torch.randn(ids.shape[0], H, generator=g).to(dt)
+    w1 = (torch.randn(E, 2 * I, H, generator=g) / H ** 0.5).to(dt)
+    w2 = (torch.randn(E, H, I, generator=g) / I ** 0.5).to(dt)
+    w = torch.rand(ids.shape, generator=g)
+    small = (x[:1], w1[:1], w2[:1], w[:1, :1], torch.zeros(1, 1, dtype=torch.int64))
+    before = torch.get_num_threads()
+    outs = []
+    try:
+        for n in (1, 2, 3, 7):
+            torch.set_num_threads(n)
+            with torch.no_grad():
+                outs.append((fused_moe(x, w1, w2, topk_weights=w, topk_ids=ids),
+                             fused_moe(*small[:3], topk_weights=small[3], topk_ids=small[4])))
+    finally:
+        torch.set_num_threads(before)
+    for big, one in outs[1:]:
+        assert torch.equal(big, outs[0][0]) and torch.equal(one, outs[0][1])
+    assert outs[0][0].isfinite().all()
+
+
 # ---------------------------------------------------------------- routing edge cases
 
 @pytest.mark.parametrize("dtype", DTYPES)
