@@ -249,6 +249,17 @@ ACCEL_AVX512_TARGET inline __m512 load16(const c10::BFloat16* p, __mmask16 m) {
 // hardware prefetcher alone keeps, which restarts at every 4 KiB page. Measured interleaved in the
 // op (T 1 and 4, fp32 and bf16): 2-6% more read bandwidth, in all 8 comparisons.
 constexpr int64_t kRowPrefetch = 2048;
+// And at the start of each 4 KiB page, one line of the page this far ahead: its address
+// translation (a page walk, nested under a hypervisor) then overlaps the reads before it instead of
+// stalling the stream at the page's first load. Measured interleaved in the op against the same
+// kernel without it (bf16 and fp32, T 1 and 4): +0-8% read bandwidth, +12% for fp32 T 4; 8 and
+// 16 KiB ahead gained a little less.
+constexpr int64_t kPageAhead = 32768;
+
+// Whether the load at p is the first of its 4 KiB page in a loop that moves `step` bytes a time.
+inline bool page_start(const void* p, int64_t step) {
+  return (reinterpret_cast<uintptr_t>(p) & 4095) < static_cast<uintptr_t>(step);
+}
 
 template <typename T, int NT>
 ACCEL_AVX512_TARGET void dot_rows_avx512(const T* w, int64_t K, int64_t r0, int64_t r1, const float* x, float* res,
@@ -261,6 +272,9 @@ ACCEL_AVX512_TARGET void dot_rows_avx512(const T* w, int64_t K, int64_t r0, int6
     int64_t k = 0;
     for (; k < k2; k += 32) {
       _mm_prefetch(reinterpret_cast<const char*>(row + k) + kRowPrefetch, _MM_HINT_T1);
+      if (page_start(row + k, 32 * sizeof(T))) {
+        _mm_prefetch(reinterpret_cast<const char*>(row + k) + kPageAhead, _MM_HINT_T1);
+      }
       const __m512 w0 = load16(row + k), w1 = load16(row + k + 16);
       for (int t = 0; t < NT; ++t) {
         a0[t] = _mm512_fmadd_ps(w0, _mm512_loadu_ps(x + t * K + k), a0[t]);
@@ -293,6 +307,7 @@ ACCEL_AVX512BF16_TARGET void dot_rows_bf16dp(const c10::BFloat16* w, int64_t K, 
     int64_t k = 0;
     for (; k < k2; k += 64) {
       _mm_prefetch(reinterpret_cast<const char*>(row + k) + kRowPrefetch, _MM_HINT_T1);
+      if (page_start(row + k, 128)) _mm_prefetch(reinterpret_cast<const char*>(row + k) + kPageAhead, _MM_HINT_T1);
       const __m512bh w0 = (__m512bh)_mm512_loadu_si512(row + k), w1 = (__m512bh)_mm512_loadu_si512(row + k + 32);
       for (int t = 0; t < NT; ++t) {
         a0[t] = _mm512_dpbf16_ps(a0[t], w0, (__m512bh)_mm512_loadu_si512(x[t] + k));
