@@ -167,9 +167,9 @@ def build_moe(*, T: int, H: int, I: int, E: int, k: int, mode: str, device: str,
                 (torch.randn(E, H, I, generator=g, device=device) / math.sqrt(I)).to(dt))
 
     # the copies are independent draws, as a model's successive layers are: every call reads weights
-    # no recent call has read. Copies of the same values (clones) would read slower on some machines
-    # (on this project's VM 7-15% slower: page-level sharing of identical contents), and at different
-    # speeds for different kernels, which is not what a model's layers do.
+    # no recent call has read. Copies of the same values (clones) can read slower: on this project's
+    # VM 7-15% slower (changing one element per 4 KiB page of each clone removed most of it, which
+    # points at identical pages being shared below the guest), which a model's layers would not see.
     layers = [tuple(nn.Parameter(t, requires_grad=grad) for t in draw()) for _ in range(copies)]
     mods: Dict[str, list] = {}
     for p in peers:
