@@ -1043,7 +1043,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> fused_moe_bwd_cpu(
   at::Tensor dw1 = mask[1] ? empty_for_streaming(w1.sizes(), opts) : at::empty({0}, opts);
   at::Tensor dw2 = mask[2] ? empty_for_streaming(w2.sizes(), opts) : at::empty({0}, opts);
   at::Tensor dwt_acc = mask[3] ? at::zeros({r.pairs}, opts.dtype(acc_type)) : at::Tensor();
-  const at::Tensor wflat = weights.reshape({-1}).to(acc_type).contiguous();
+  const at::Tensor wflat = weights.reshape({-1}).to(acc_type);  // weights is contiguous, so is wflat
   const bool need_dgu = mask[0] || mask[1], need_z = need_dgu || mask[3];
 
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, hidden.scalar_type(), "fused_moe_bwd_cpu", [&] {
