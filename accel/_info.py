@@ -8,27 +8,34 @@ import torch
 
 from accel import _ext
 
-# op name -> the registered ops that make it up (forward first)
-OPS = {
-    "dilated_conv1d": ("dilated_conv1d", "dilated_conv1d_backward"),
-    "sigmoid_attention": ("sigmoid_attention_fwd", "sigmoid_attention_bwd"),
-    "fused_moe": ("fused_moe_fwd", "fused_moe_bwd", "moe_route", "moe_route_backward"),
-}
-
-_DEVICES = ("CPU", "CUDA")
+_DEVICES = ("cpu", "cuda")
 
 
 def kernel_table() -> dict:
-    """For every op: which devices have a registered kernel for all of its registered ops."""
+    """Per op, from its capability record: the devices with kernels in this build, dtypes and limits."""
+    from accel.ops import capabilities
+    from accel.ops._capability import dtypes_text, gpu_has_kernel_image
+
+    gpu = None
+    if torch.cuda.is_available() and _ext.build_info()["cuda"]:
+        gpu = gpu_has_kernel_image()
     table = {}
-    for op, names in OPS.items():
-        row = {}
+    for name, cap in capabilities().items():
+        row = {"summary": cap.summary, "functions": list(cap.functions), "limits": dict(cap.limits)}
         for dev in _DEVICES:
-            row[dev.lower()] = all(
-                torch._C._dispatch_has_kernel_for_dispatch_key(f"accel::{n}", dev) for n in names
-            )
-        table[op] = row
-    return table
+            row[dev] = cap.has_kernels(dev)
+            row[f"{dev}_dtypes"] = dtypes_text(cap.dtypes.get(dev, ()))
+        row["cuda_min_arch"] = {dtypes_text([d]): f"{a // 10}.{a % 10}" for d, a in cap.cuda_min_arch.items()}
+        if gpu is not None and row["cuda"]:
+            row["gpu"] = cap.unsupported_reason(torch.device("cuda")) or "ok"
+        table[name] = row
+    data_gpu = None if gpu is None else {"runs": gpu[0], "detail": gpu[1]}
+    return {"ops": table, "gpu_kernel_image": data_gpu}
+
+
+def _kernels() -> dict:
+    table = kernel_table()
+    return {"kernels": table["ops"], "gpu_kernel_image": table["gpu_kernel_image"]}
 
 
 def info(print_it: bool = True) -> dict:
@@ -57,7 +64,7 @@ def info(print_it: bool = True) -> dict:
             "kernel_isa": b["cpu_isa"],
             # run-time variants this CPU takes (AVX-512 paths, the MoE's bf16 tiles on AVX512-BF16, ...)
             "runtime_isa": " ".join(b.get("cpu_runtime_isa", [])) or "-",
-            "kernels": kernel_table(),
+            **_kernels(),
         })
     else:
         data.update({"built": False, "build_error": str(_ext.load_error()), "kernels": {}})
@@ -77,11 +84,24 @@ def format_info(data: dict) -> str:
         lines.append(f"{'build_error':>20}: {data.get('build_error')}")
         return "\n".join(lines)
     lines.append("")
-    lines.append(f"{'op':<20} {'cpu':>5} {'cuda':>5}")
+    cuda_built = bool(data.get("built_with_cuda"))
+    if not cuda_built:
+        lines.append("CUDA kernels: absent (a CPU-only build; rebuild with ACCEL_CUDA=1 for them)")
+    image = data.get("gpu_kernel_image")
+    if image is not None:
+        lines.append(("GPU: " if image["runs"] else "WARNING: this GPU cannot run accel's CUDA kernels: ")
+                     + image["detail"])
+    lines.append(f"{'op':<20} {'cpu':<20} cuda")
     for op, row in data["kernels"].items():
-        lines.append(f"{op:<20} {'yes' if row['cpu'] else 'no':>5} {'yes' if row['cuda'] else 'no':>5}")
+        cpu = row["cpu_dtypes"] if row["cpu"] else "no kernels"
+        cuda = row["cuda_dtypes"] if row["cuda"] else "absent" if not cuda_built else "no kernels"
+        if row["cuda"] and row["cuda_min_arch"]:
+            cuda += " (" + ", ".join(f"{d} >= sm {a}" for d, a in row["cuda_min_arch"].items()) + ")"
+        lines.append(f"{op:<20} {cpu:<20} {cuda}")
+        lines.extend(f"{'':<22}{k}: {v}" for k, v in row["limits"].items())
+        if row.get("gpu", "ok") != "ok":
+            lines.append(f"{'':<20} WARNING on this GPU: {row['gpu']}")
     return "\n".join(lines)
-
 
 if __name__ == "__main__":
     info()

@@ -14,11 +14,11 @@ import torch.nn.functional as F
 from torch import nn
 
 from accel import _ext
-from accel.patching.builtin import extension_reason
+from accel.patching.builtin import op_reason
 
 if not _ext.available():
     pytest.skip(f"accel._C not built: {_ext.load_error()}", allow_module_level=True)
-_missing = extension_reason("accel::fused_moe_fwd", torch.device("cpu"))
+_missing = op_reason("fused_moe", torch.device("cpu"))
 if _missing:
     pytest.skip(f"no fused_moe CPU kernel: {_missing}", allow_module_level=True)
 

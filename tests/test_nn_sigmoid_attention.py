@@ -436,11 +436,12 @@ def test_patch_skips_with_reasons(monkeypatch):
 
 
 def test_patch_skips_device_without_kernel(monkeypatch):
-    from accel.patching import builtin
+    from accel.ops import Capability
 
-    monkeypatch.setattr(builtin, "_has_kernel", lambda op, device: op != "accel::sigmoid_attention_fwd")
+    real = Capability.has_kernels
+    monkeypatch.setattr(Capability, "has_kernels", lambda cap, dev: cap.name != "sigmoid_attention" and real(cap, dev))
     model = nn.Sequential(ReferenceMHA(32, 4))
-    assert {e.reason for e in accel.patch(model).skipped} == {"accel._C has no kernel for device cpu"}
+    assert {e.reason for e in accel.patch(model).skipped} == {"this accel build has no cpu kernels for sigmoid_attention"}
 
 
 def test_patch_before_compile_fullgraph():

@@ -116,17 +116,45 @@ def test_rejections_need_no_extension(monkeypatch):
 
 
 def test_no_kernel_for_device(monkeypatch):
-    from accel.patching import builtin
+    from accel.ops import Capability
 
-    monkeypatch.setattr(_ext, "available", lambda: True)
-    monkeypatch.setattr(builtin, "_has_kernel", lambda op, device: False)
+    monkeypatch.setattr(Capability, "has_kernels", lambda cap, device_type: False)
     reasons = skipped(accel.patch(make_model()))
-    assert reasons["causal"] == "accel._C has no kernel for device cpu"
+    assert reasons["causal"] == "this accel build has no cpu kernels for dilated_conv1d"
 
 
 def test_unsupported_dtype_reason():
     model = nn.Sequential(nn.Conv1d(4, 4, 3, dilation=2, groups=4, dtype=torch.complex64))
-    assert skipped(accel.patch(model))["0"] == "dtype complex64 has no accel kernel"
+    assert skipped(accel.patch(model))["0"] == "dtype complex64 has no dilated_conv1d kernel on cpu"
+
+
+def test_cuda_reason_names_the_missing_arch(monkeypatch):
+    """A GPU whose compute capability has no kernel in the build is skipped with that reason, not swapped in."""
+    from accel.ops import Capability, _capability
+
+    monkeypatch.setattr(Capability, "has_kernels", lambda cap, device_type: True)
+    monkeypatch.setattr(_capability, "built_cuda_archs", lambda: ("sm_80", "sm_90"))
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (7, 5))
+    reason = accel.ops.capability("dilated_conv1d").unsupported_reason(torch.device("cuda"), torch.float32)
+    assert reason.startswith("compute capability 7.5 has no kernel in this build (built for sm_80, sm_90)")
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (8, 6))
+    assert accel.ops.capability("dilated_conv1d").unsupported_reason(torch.device("cuda"), torch.float32) is None
+    monkeypatch.setattr(_capability, "built_cuda_archs", lambda: ("sm_80", "compute_80"))
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (7, 0))
+    reason = accel.ops.capability("sigmoid_attention").unsupported_reason(torch.device("cuda"), torch.bfloat16)
+    assert reason.startswith("compute capability 7.0 has no kernel")
+
+
+@pytest.mark.parametrize("arch,cc,runs", [
+    ("sm_80", (8, 0), True), ("sm_80", (8, 6), True), ("sm_80", (9, 0), False), ("sm_90", (8, 9), False),
+    ("sm_90", (9, 0), True), ("compute_90", (10, 0), True), ("compute_90", (8, 9), False), ("sm_90a", (9, 0), True),
+    ("sm_100a", (10, 3), False),
+])
+def test_arch_runs_on(arch, cc, runs):
+    from accel.ops._capability import arch_runs_on
+
+    assert arch_runs_on(arch, cc) is runs
 
 
 def test_rule_validation():

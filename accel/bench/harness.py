@@ -19,8 +19,8 @@ Memory:
   mapped on allocation and unmapped on free: freed memory is not silently reused, and RSS tracks
   live allocations. The timing process is left untouched.
 
-Adding an op: write a module with ``cases(args) -> list[Case]`` (see :mod:`accel.bench.conv`)
-and add it to :data:`OPS`.
+Adding an op: write ``accel/bench/<group>.py`` with ``cases(args) -> list[Case]`` (see
+:mod:`accel.bench.conv`) and name the group in the op's capability record (``bench=``).
 """
 from __future__ import annotations
 
@@ -43,12 +43,19 @@ from typing import Callable, Dict, List, Optional, Sequence, Tuple
 
 import torch
 
-# op name -> module providing ``cases(args) -> list[Case]``; imported only when selected.
-OPS: Dict[str, str] = {
-    "conv": "accel.bench.conv",
-    "attention": "accel.bench.attention",
-    "moe": "accel.bench.moe",
-}
+
+def _bench_groups() -> Dict[str, str]:
+    """Case group -> module providing ``cases(args) -> list[Case]``, from the ops' capability records."""
+    from accel import _ext
+
+    if not _ext.available():
+        return {}
+    from accel.ops import capabilities
+
+    return {cap.bench: f"accel.bench.{cap.bench}" for cap in capabilities().values() if cap.bench}
+
+
+OPS: Dict[str, str] = _bench_groups()
 
 SIZES = ("tiny", "quick", "full")
 DTYPES = {

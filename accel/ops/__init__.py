@@ -1,10 +1,10 @@
-"""Functional API: each op is a registered torch op with a typed Python wrapper."""
-from accel.ops.dilated_conv1d import dilated_conv1d
-from accel.ops.fused_moe import fused_moe, moe_route
-from accel.ops.sigmoid_attention import (
-    sigmoid_attention,
-    sigmoid_attention_kvcache,
-    sigmoid_attention_varlen,
-)
+"""Functional API: each op is a registered torch op with a typed Python wrapper.
 
-__all__ = ["dilated_conv1d", "fused_moe", "moe_route", "sigmoid_attention", "sigmoid_attention_varlen", "sigmoid_attention_kvcache"]
+Every module here declares its op's capability record (``CAPABILITY``); the public functions listed
+there are exported from ``accel.ops``.
+"""
+from accel.ops._capability import Capability, Example, capabilities, capability, public_functions
+
+globals().update(public_functions())
+
+__all__ = sorted(public_functions()) + ["Capability", "Example", "capabilities", "capability"]

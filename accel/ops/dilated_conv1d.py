@@ -7,10 +7,43 @@ import torch
 from torch import Tensor
 
 from accel import _ext
+from accel.ops._capability import Capability, Example
 
 _ext.load()
 
 ACTIVATIONS = ("none", "relu", "gelu", "silu")
+
+
+def _examples(device: torch.device, dtype: torch.dtype):
+    def t(*shape, grad=True):
+        return torch.randn(*shape, device=device, dtype=dtype, requires_grad=grad)
+
+    return [
+        Example("depthwise causal K5 d3 gelu residual", dilated_conv1d, (t(2, 7, 29), t(7, 1, 5), t(7)),
+                dict(dilation=3, groups=7, activation="gelu", residual=t(2, 7, 29))),
+        Example("grouped same K4 d2 silu", dilated_conv1d, (t(1, 6, 17), t(4, 3, 4), t(4)),
+                dict(dilation=2, padding="same", groups=2, activation="silu")),
+        Example("dense padding 3 relu, no bias", dilated_conv1d, (t(2, 3, 11), t(5, 3, 3)),
+                dict(padding=3, activation="relu")),
+    ]
+
+
+_ALL_FLOATS = (torch.float32, torch.float64, torch.bfloat16, torch.float16)
+
+CAPABILITY = Capability(
+    name="dilated_conv1d",
+    summary="dilated 1-D convolution (causal/same/int padding, grouped, fused bias, activation, residual)",
+    functions=("dilated_conv1d",),
+    ops=("dilated_conv1d", "dilated_conv1d_backward"),
+    dtypes={"cpu": _ALL_FLOATS, "cuda": _ALL_FLOATS},
+    examples=_examples,
+    modules=("DilatedConv1d", "TCN"),
+    bench="conv",
+    doc="docs/ops/dilated_conv1d.md",
+    limits={"kernel size": "any K >= 1", "dilation": ">= 1",
+            "groups": "divides C_in and C_out (depthwise: groups = C_in)",
+            "CUDA length": "L, L_out and (K-1)*dilation below 2^29"},
+)
 
 Padding = Union[str, int]
 

@@ -12,12 +12,48 @@ import torch
 from torch import Tensor
 
 from accel import _ext
+from accel.ops._capability import Capability, Example
 
 _ext.load()
 
 _NAME = "fused_moe"
 ACTIVATIONS = ("silu", "gelu", "relu", "none")
 SCORINGS = ("softmax", "sigmoid")
+
+
+def _examples(device: torch.device, dtype: torch.dtype):
+    def t(*shape, scale=1.0):
+        return (torch.randn(*shape, device=device, dtype=dtype) * scale).requires_grad_()
+
+    T, E, H, I = 11, 5, 24, 13
+    ids = torch.tensor([[(3 * i) % E, (3 * i + 1) % E] for i in range(T)], device=device)
+    return [
+        Example("routed from logits, top-2 softmax silu", fused_moe,
+                (t(T, H), t(E, 2 * I, H, scale=H ** -0.5), t(E, H, I, scale=I ** -0.5)),
+                dict(router_logits=t(T, E), top_k=2)),
+        Example("given routing, sigmoid scores, gelu", fused_moe,
+                (t(T, H), t(E, 2 * I, H, scale=H ** -0.5), t(E, H, I, scale=I ** -0.5)),
+                dict(topk_weights=torch.rand(T, 2, device=device, dtype=dtype, requires_grad=True), topk_ids=ids,
+                     activation="gelu")),
+        Example("routing only, top-3 sigmoid", moe_route, (t(T, E), 3), dict(scoring="sigmoid")),
+    ]
+
+
+CAPABILITY = Capability(
+    name="fused_moe",
+    summary="top-k routing + grouped gated-MLP experts + weighted combine, tokens grouped by expert",
+    functions=("fused_moe", "moe_route"),
+    ops=("fused_moe_fwd", "fused_moe_bwd", "moe_route", "moe_route_backward"),
+    dtypes={"cpu": (torch.float32, torch.bfloat16, torch.float64, torch.float16),
+            "cuda": (torch.float32, torch.bfloat16, torch.float16)},
+    examples=_examples,
+    modules=("FusedMoE",),
+    bench="moe",
+    doc="docs/ops/fused_moe.md",
+    limits={"layout": "gate_up_proj (E, 2I, H), gate rows first; down_proj (E, H, I)",
+            "top_k": "1 <= k <= E", "activation": "silu, gelu (erf), relu, none"},
+    cuda_min_arch={torch.bfloat16: 80, torch.float16: 80},
+)
 
 
 def _check_tensor(name: str, t, dims: int, layout: str) -> None:

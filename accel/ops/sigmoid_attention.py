@@ -5,6 +5,7 @@ ever stored, forward or backward, and no row statistics are needed (there is no 
 """
 from __future__ import annotations
 
+import importlib
 import math
 from typing import Optional, Sequence, Tuple, Union
 
@@ -12,11 +13,53 @@ import torch
 from torch import Tensor
 
 from accel import _ext
+from accel.ops._capability import Capability, Example
 
 _ext.load()
 
 Bias = Union[None, float, int, Tensor]
 _NAME = "sigmoid_attention"
+
+
+def _examples(device: torch.device, dtype: torch.dtype):
+    def t(*shape, grad=True):
+        return torch.randn(*shape, device=device, dtype=dtype, requires_grad=grad)
+
+    reference = importlib.import_module("accel.reference.sigmoid_attention")
+
+    cu_q = torch.tensor([0, 5, 5, 22], device=device, dtype=torch.int32)
+    cu_k = torch.tensor([0, 9, 13, 27], device=device, dtype=torch.int32)
+    seqlens = torch.tensor([3, 17], device=device, dtype=torch.int32)
+    return [
+        Example("GQA causal D40", sigmoid_attention, (t(2, 4, 13, 40), t(2, 2, 19, 40), t(2, 2, 19, 40)),
+                dict(causal=True)),
+        Example("window, ALiBi, float bias", sigmoid_attention, (t(1, 3, 9, 24), t(1, 3, 9, 24), t(1, 3, 9, 24)),
+                dict(window=(3, 2), alibi_slopes=torch.tensor([0.5, 0.25, 0.125], device=device, dtype=dtype), bias=-1.5)),
+        Example("varlen causal", sigmoid_attention_varlen,
+                (t(22, 2, 16), t(27, 2, 16), t(27, 2, 16), cu_q, cu_k, 17, 14), dict(causal=True),
+                reference=lambda q, k, v, cq, ck, mq, mk, **kw: reference.sigmoid_attention_varlen(q, k, v, cq, ck, **kw)),
+        Example("kvcache append 1", sigmoid_attention_kvcache,
+                (t(2, 4, 1, 32, grad=False), t(2, 2, 20, 32, grad=False), t(2, 2, 20, 32, grad=False), seqlens,
+                 t(2, 2, 1, 32, grad=False), t(2, 2, 1, 32, grad=False)),
+                reference=reference.sigmoid_attention_kvcache),
+    ]
+
+
+CAPABILITY = Capability(
+    name="sigmoid_attention",
+    summary="O = sigmoid(scale QK^T + b) V: causal, sliding window, ALiBi, GQA/MQA, varlen, KV cache",
+    functions=("sigmoid_attention", "sigmoid_attention_varlen", "sigmoid_attention_kvcache"),
+    ops=("sigmoid_attention_fwd", "sigmoid_attention_bwd"),
+    dtypes={"cpu": (torch.float32, torch.float64, torch.bfloat16, torch.float16),
+            "cuda": (torch.float32, torch.bfloat16, torch.float16)},
+    examples=_examples,
+    modules=("SigmoidAttention", "SigmoidMultiheadAttention", "AdaptedSigmoidMultiheadAttention"),
+    bench="attention",
+    doc="docs/ops/sigmoid_attention.md",
+    limits={"head dim": "CPU: any; CUDA: up to 256", "GQA": "H_q a multiple of H_kv",
+            "CUDA lengths": "L_q, L_k below 2^30; B and H_q up to 65535"},
+    cuda_min_arch={torch.bfloat16: 80, torch.float16: 80},
+)
 
 
 def _resolve_scale(scale: Optional[float], head_dim: int) -> float:

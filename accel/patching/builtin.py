@@ -12,31 +12,17 @@ from accel.patching.rules import ClassSpec, Rule
 # Grouped convs with more input channels per group than this stay with nn.Conv1d.
 MAX_CHANNELS_PER_GROUP = 16
 
-# dtypes accel.ops.dilated_conv1d has kernels for (CPU: all four; CUDA: all four).
-_CONV_DTYPES = (torch.float32, torch.float64, torch.bfloat16, torch.float16)
-
-
-def _dispatch_key(device: torch.device) -> str:
-    return {"cpu": "CPU", "cuda": "CUDA", "meta": "Meta"}.get(device.type, device.type.upper())
-
-
-def _has_kernel(op: str, device: torch.device) -> bool:
-    try:
-        return torch._C._dispatch_has_kernel_for_dispatch_key(op, _dispatch_key(device))
-    except RuntimeError:  # unknown dispatch key name for an exotic device
-        return False
-
-
-def extension_reason(op: str, device: torch.device) -> Optional[str]:
-    """Why accel cannot run ``op`` on ``device`` here, or None. Imports accel._ext lazily."""
+def op_reason(op: str, device: torch.device, dtype: Optional[torch.dtype] = None) -> Optional[str]:
+    """Why accel cannot run ``op`` (an op's capability record name) on ``device`` in ``dtype`` with this
+    build and machine, or None. Reads the op's capability record (imported lazily: it needs accel._C)."""
     from accel import _ext
 
     if not _ext.available():
         err = str(_ext.load_error()).strip().splitlines()
         return f"accel native extension not built: {err[0] if err else 'unknown error'}"
-    if not _has_kernel(op, device):
-        return f"accel._C has no kernel for device {device.type}"
-    return None
+    from accel.ops import capability
+
+    return capability(op).unsupported_reason(device, dtype)
 
 
 def _conv1d_check(conv: nn.Module) -> Optional[str]:
@@ -54,11 +40,9 @@ def _conv1d_check(conv: nn.Module) -> Optional[str]:
         return (f"{per_group} input channels per group > {MAX_CHANNELS_PER_GROUP}: nn.Conv1d's GEMM-based "
                 "kernel is faster for wide groups")
     dtype = conv.weight.dtype
-    if dtype not in _CONV_DTYPES:
-        return f"dtype {str(dtype).replace('torch.', '')} has no accel kernel"
     if conv.bias is not None and conv.bias.dtype != dtype:
         return f"bias dtype {conv.bias.dtype} differs from weight dtype {dtype}"
-    return extension_reason("accel::dilated_conv1d", conv.weight.device)
+    return op_reason("dilated_conv1d", conv.weight.device, dtype)
 
 
 def _conv1d_build(conv: nn.Module) -> nn.Module:
@@ -79,12 +63,6 @@ CONV1D = Rule(
 
 
 # ---------------------------------------------------------------- sigmoid attention
-
-# dtypes accel.ops.sigmoid_attention has kernels for, per device type.
-_ATTENTION_DTYPES = {
-    "cpu": (torch.float32, torch.float64, torch.bfloat16, torch.float16),
-    "cuda": (torch.float32, torch.bfloat16, torch.float16),
-}
 
 
 def _mha_parameters(module: nn.Module) -> Mapping[str, Any]:
@@ -144,9 +122,7 @@ def _attention_check(adapter: SigmoidAttentionAdapter, module: nn.Module) -> Opt
     dtype, device = tensors[0].dtype, tensors[0].device
     if any(t.dtype != dtype for t in tensors):
         return "its parameters have different dtypes"
-    if dtype not in _ATTENTION_DTYPES.get(device.type, _ATTENTION_DTYPES["cpu"]):
-        return f"dtype {str(dtype).replace('torch.', '')} has no accel sigmoid attention kernel on {device.type}"
-    return extension_reason("accel::sigmoid_attention_fwd", device)
+    return op_reason("sigmoid_attention", device, dtype)
 
 
 def _attention_build(adapter: SigmoidAttentionAdapter, module: nn.Module) -> nn.Module:

@@ -111,6 +111,33 @@ def sigmoid_attention_varlen(
     return out
 
 
+def sigmoid_attention_kvcache(
+    q: Tensor,
+    k_cache: Tensor,
+    v_cache: Tensor,
+    cache_seqlens: Tensor,
+    k_new: Optional[Tensor] = None,
+    v_new: Optional[Tensor] = None,
+    *,
+    bias: Bias = None,
+    scale: Optional[float] = None,
+    causal: bool = True,
+    window: Tuple[int, int] = (-1, -1),
+    alibi_slopes: Optional[Tensor] = None,
+) -> Tensor:
+    """Reference for the decoding step: writes ``k_new``/``v_new`` into the caches in place at
+    ``cache_seqlens[b]``, then attends over each row's first ``cache_seqlens[b] + L_new`` keys."""
+    used = [int(n) for n in cache_seqlens]
+    if k_new is not None:
+        n_new = k_new.shape[2]
+        for b, start in enumerate(used):
+            k_cache[b, :, start:start + n_new] = k_new[b]
+            v_cache[b, :, start:start + n_new] = v_new[b]
+        used = [n + n_new for n in used]
+    return sigmoid_attention(q, k_cache, v_cache, bias=bias, scale=scale, causal=causal, window=window,
+                             alibi_slopes=alibi_slopes, seqused_k=torch.tensor(used))
+
+
 class SigmoidMultiheadAttention(nn.Module):
     """Eager sigmoid multi-head attention with ``nn.MultiheadAttention``'s parameters (batch_first only).
 

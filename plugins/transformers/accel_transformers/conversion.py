@@ -45,7 +45,7 @@ def _configs(model: nn.Module) -> List[object]:
 def _check(model: nn.Module) -> Optional[str]:
     from transformers import PreTrainedModel
 
-    from accel.patching.builtin import extension_reason
+    from accel.patching.builtin import op_reason
 
     if not isinstance(model, PreTrainedModel):  # matched by a subclass of the dotted class name
         return "not a transformers PreTrainedModel"
@@ -62,7 +62,7 @@ def _check(model: nn.Module) -> Optional[str]:
     parameter = next(model.parameters(), None)
     if parameter is None:
         return "has no parameters (cannot tell its device)"
-    return extension_reason("accel::sigmoid_attention_fwd", parameter.device)
+    return op_reason("sigmoid_attention", parameter.device, parameter.dtype)
 
 
 def _apply(model: nn.Module) -> Callable[[], None]:

@@ -20,12 +20,6 @@ from accel import _ext
 from accel.patching import Rule
 from accel_transformers.registration import EXPERTS_NAME
 
-# dtypes accel.ops.fused_moe has kernels for, per device type
-_DTYPES = {
-    "cpu": (torch.float32, torch.bfloat16, torch.float64, torch.float16),
-    "cuda": (torch.float32, torch.bfloat16, torch.float16),
-}
-
 # The blocks FusedMoE.from_module reads (accel.nn.fused_moe.TRANSFORMERS_MOE_BLOCKS, which needs the native
 # extension to import): named by path so that reading this plugin imports neither transformers nor accel._C.
 MOE_BLOCKS = (
@@ -36,7 +30,7 @@ MOE_BLOCKS = (
 )
 
 _fused = None  # accel.nn.fused_moe, imported on first use: it needs the native extension
-_KERNELS = {}  # device type -> whether accel._C has the fused MoE kernels for it
+_REASONS = {}  # (device type, dtype) -> why the fused MoE cannot run there (None: it can)
 
 
 def _fused_moe():
@@ -48,34 +42,25 @@ def _fused_moe():
     return _fused
 
 
-def _has_kernels(device_type: str) -> bool:
-    from accel.patching.builtin import extension_reason
-
-    device = torch.device(device_type)
-    return all(extension_reason(op, device) is None for op in ("accel::fused_moe_fwd", "accel::moe_route"))
-
-
 def prepare() -> None:
-    """Import what the experts forward needs and query the dispatcher now, eagerly: doing either inside a
-    compiled forward would break the graph. Called by ``register()``."""
-    for device_type in _DTYPES:
-        _KERNELS[device_type] = _has_kernels(device_type)
+    """Import what the experts forward needs and read the op's capability record now, eagerly: doing either
+    inside a compiled forward would break the graph. Called by ``register()``."""
     if _ext.available():
+        from accel.ops import capability
+
+        for device_type, dtypes in capability("fused_moe").dtypes.items():
+            for dtype in dtypes:
+                _kernel_reason(torch.device(device_type), dtype)
         _fused_moe()._default_apply_gate()
 
 
 def _kernel_reason(device: torch.device, dtype: torch.dtype) -> Optional[str]:
-    kernels = _KERNELS.get(device.type)
-    if kernels is None:
-        kernels = _KERNELS[device.type] = _has_kernels(device.type)
-    if not kernels:
-        from accel.patching.builtin import extension_reason
+    key = (device.type, dtype)
+    if key not in _REASONS:
+        from accel.patching.builtin import op_reason
 
-        return (extension_reason("accel::fused_moe_fwd", device) or extension_reason("accel::moe_route", device)
-                or f"accel._C has no fused_moe kernel for device {device.type}")
-    if dtype not in _DTYPES.get(device.type, ()):
-        return f"dtype {str(dtype).replace('torch.', '')} has no fused_moe kernel on {device.type}"
-    return None
+        _REASONS[key] = op_reason("fused_moe", device, dtype)
+    return _REASONS[key]
 
 
 def _hooked(module: nn.Module) -> bool:

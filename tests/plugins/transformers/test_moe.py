@@ -14,15 +14,15 @@ import torch
 
 from accel import _ext
 from accel.patching import unmet_requirement
-from accel.patching.builtin import extension_reason
+from accel.patching.builtin import op_reason
 
 if unmet_requirement("transformers>=5"):
     pytest.skip(f"accel-transformers {unmet_requirement('transformers>=5')}", allow_module_level=True)
 if not _ext.available():
     pytest.skip(f"accel._C not built: {_ext.load_error()}", allow_module_level=True)
-if extension_reason("accel::fused_moe_fwd", torch.device("cpu")):
-    pytest.skip(f"no fused_moe CPU kernel: {extension_reason('accel::fused_moe_fwd', torch.device('cpu'))}",
-                allow_module_level=True)
+_missing = op_reason("fused_moe", torch.device("cpu"))
+if _missing:
+    pytest.skip(f"no fused_moe CPU kernel: {_missing}", allow_module_level=True)
 accel_transformers = pytest.importorskip(
     "accel_transformers", reason="the plugin is not installed: pip install -e plugins/transformers --no-deps")
 
