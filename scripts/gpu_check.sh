@@ -71,15 +71,13 @@ fi
 
 if ! skip bench; then
   say "== GPU benchmarks"
-  # sigmoid attention vs SDPA's flash backend: bf16, L 1k-16k, D 64 and 128, causal and not
-  timeout ${BENCH_TIMEOUT:-200} $PY -m accel.bench attention --device cuda --dtype bfloat16 --budget ${BENCH_BUDGET:-0.5} \
-    --json "$OUT/bench_attention_cuda_bf16.json" 2>&1 | tee -a "$log"
-  if $PY -c "import accel.bench.harness as h, sys; sys.exit('moe' not in h.OPS)" 2>/dev/null; then
-    timeout ${BENCH_TIMEOUT:-200} $PY -m accel.bench moe --device cuda --dtype bfloat16 --budget ${BENCH_BUDGET:-0.5} \
-      --json "$OUT/bench_moe_cuda_bf16.json" 2>&1 | tee -a "$log"
-  fi
-  timeout ${CONV_BENCH_TIMEOUT:-100} $PY -m accel.bench conv --device cuda --dtype bfloat16 --quick \
-    --json "$OUT/bench_conv_cuda_bf16.json" 2>&1 | tee -a "$log"
+  # every op's benchmark group, from the capability records: accel vs SDPA's flash backend, cuDNN,
+  # grouped_mm, ... in bf16
+  groups=$($PY -c "from accel.ops import capabilities; print(' '.join(c.bench for c in capabilities().values() if c.bench))")
+  for group in $groups; do
+    timeout ${BENCH_TIMEOUT:-150} $PY -m accel.bench "$group" --device cuda --dtype bfloat16 --budget ${BENCH_BUDGET:-0.5} \
+      --json "$OUT/bench_${group}_cuda_bf16.json" 2>&1 | tee -a "$log"
+  done
 fi
 if ! skip sanitize && command -v compute-sanitizer >/dev/null; then
   say "== compute-sanitizer memcheck"
