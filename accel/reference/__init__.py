@@ -1,12 +1,9 @@
-"""Pure-PyTorch references: the test oracle for every op."""
-from accel.reference.dilated_conv1d import dilated_conv1d
-from accel.reference.fused_moe import fused_moe, moe_route
-from accel.reference.sigmoid_attention import (
-    SigmoidMultiheadAttention,
-    sigmoid_attention,
-    sigmoid_attention_kvcache,
-    sigmoid_attention_varlen,
-)
+"""Pure-PyTorch references: the test oracle for every op (one module per op, named as in accel.ops)."""
+import importlib as _importlib
+import pkgutil as _pkgutil
 
-__all__ = ["dilated_conv1d", "fused_moe", "moe_route", "sigmoid_attention", "sigmoid_attention_varlen",
-           "sigmoid_attention_kvcache", "SigmoidMultiheadAttention"]
+__all__ = []
+for _info in _pkgutil.iter_modules(__path__):
+    _module = _importlib.import_module(f"{__name__}.{_info.name}")
+    globals().update({_name: getattr(_module, _name) for _name in _module.__all__})
+    __all__ += _module.__all__

@@ -7,6 +7,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+__all__ = ["dilated_conv1d"]
+
 
 def _pads(padding, kernel_size: int, dilation: int):
     span = (kernel_size - 1) * dilation

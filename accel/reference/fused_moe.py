@@ -12,6 +12,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+__all__ = ["fused_moe", "moe_route"]
+
 _ACT = {
     "silu": F.silu,
     "gelu": F.gelu,

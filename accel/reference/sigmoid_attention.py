@@ -13,6 +13,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+__all__ = ["sigmoid_attention", "sigmoid_attention_varlen", "sigmoid_attention_kvcache", "SigmoidMultiheadAttention"]
+
 Bias = Union[None, float, Tensor]
 
 
