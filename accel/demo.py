@@ -6,9 +6,10 @@ Three small language models:
   written the usual way, ``padding=(K-1)*d`` then chomp, + GELU + pointwise 1x1 conv, residual);
 * ``attention``: a pre-norm transformer whose attention is the eager sigmoid attention module
   ``accel.reference.SigmoidMultiheadAttention`` (causal), with GELU MLPs;
-* ``moe``: a transformers ``MixtralForCausalLM`` with random weights built from a config (needs
-  transformers and the accel-transformers plugin; skipped with a message otherwise), whose sparse
-  MoE blocks ``accel.patch`` replaces by ``accel.nn.FusedMoE``.
+* ``moe``: a transformers mixture-of-experts causal LM (Mixtral-shaped) with random weights built
+  from a config (needs transformers and an installed plugin with a rule for its sparse MoE blocks,
+  found through the ``accel.plugins`` entry points like ``accel.patch`` finds it; skipped with a
+  message otherwise), whose sparse MoE blocks ``accel.patch`` replaces by ``accel.nn.FusedMoE``.
 
 ``both`` is tcn and attention (plain PyTorch only); ``all`` (the default) adds moe.
 
@@ -34,6 +35,8 @@ from torch import nn
 import accel
 from accel import reference
 from accel.bench.harness import time_interleaved
+from accel.patching import list_plugins
+from accel.patching.plugins import plugin_rules
 
 OUT_TOL = 1e-5  # max |patched - original| / max |original|, forward output
 GRAD_TOL = 1e-4  # the same for every parameter's gradient
@@ -109,14 +112,25 @@ class HFLogits(nn.Module):
         return self.lm(input_ids=tokens, use_cache=False).logits
 
 
+def _moe_plugin_missing() -> Optional[str]:
+    """Why no loaded plugin patches the fused MoE op (discovered through the entry points), or None."""
+    statuses = list_plugins()
+    if any(rule.op == "fused_moe" for rule in plugin_rules(statuses)):
+        return None
+    seen = "; ".join(str(s) for s in statuses) or "no accel plugin is installed"
+    return f"no loaded accel plugin patches fused_moe ({seen})"
+
+
 def build_mixtral(hidden: int, layers: int) -> Optional[nn.Module]:
     """A random-weight Mixtral LM (8 experts, top-2, eager experts), or None without transformers/the plugin."""
     try:
         from transformers import MixtralConfig, MixtralForCausalLM
-
-        import accel_transformers  # noqa: F401  (the plugin that knows transformers' MoE blocks)
     except ImportError as e:
-        print(f"\n== Mixtral MoE: skipped ({e}); bash scripts/setup.sh installs transformers and the plugin")
+        reason = str(e)
+    else:
+        reason = _moe_plugin_missing()
+    if reason is not None:
+        print(f"\n== Mixtral MoE: skipped ({reason}); bash scripts/setup.sh installs transformers and the plugin")
         return None
     cfg = MixtralConfig(vocab_size=256, hidden_size=hidden, intermediate_size=hidden * 11 // 4,
                         num_hidden_layers=layers, num_attention_heads=max(1, hidden // 64),

@@ -251,116 +251,68 @@ def test_compile_fullgraph():
     torch.testing.assert_close(compiled(x), moe(x), **TOL)
 
 
-# ---------------------------------------------------------------- from_module on transformers blocks
+# ---------------------------------------------------------------- from_module on a registered block family
 
-def _transformers():
-    from accel.patching import unmet_requirement
+class ToyRouter(nn.Module):
+    """The router interface MoEBlockFamily describes: ``weight`` (E, H), ``top_k``, returns (logits, weights, ids)."""
 
-    if unmet_requirement("transformers>=5"):
-        pytest.skip(unmet_requirement("transformers>=5"))
-    import transformers as tf
+    def __init__(self, hidden, experts, top_k):
+        super().__init__()
+        self.weight = nn.Parameter(torch.randn(experts, hidden) * 0.3)
+        self.top_k = top_k
 
-    return tf
-
-
-def tiny_block(family, seed=0, **kw):
-    """One sparse MoE block from a tiny config, every parameter random (the blocks leave some uninitialised)."""
-    tf = _transformers()
-    common = dict(hidden_size=32, num_attention_heads=4, num_key_value_heads=2, num_hidden_layers=1, vocab_size=64)
-    if family == "mixtral":
-        from transformers.models.mixtral.modeling_mixtral import MixtralSparseMoeBlock as Block
-        config = tf.MixtralConfig(intermediate_size=40, num_local_experts=4, num_experts_per_tok=2, **common, **kw)
-    elif family == "qwen2_moe":
-        from transformers.models.qwen2_moe.modeling_qwen2_moe import Qwen2MoeSparseMoeBlock as Block
-        config = tf.Qwen2MoeConfig(moe_intermediate_size=20, shared_expert_intermediate_size=24, num_experts=6,
-                                   num_experts_per_tok=2, **common, **kw)
-    elif family == "qwen3_moe":
-        from transformers.models.qwen3_moe.modeling_qwen3_moe import Qwen3MoeSparseMoeBlock as Block
-        config = tf.Qwen3MoeConfig(moe_intermediate_size=20, num_experts=6, num_experts_per_tok=3, **common, **kw)
-    else:
-        from transformers.models.olmoe.modeling_olmoe import OlmoeSparseMoeBlock as Block
-        config = tf.OlmoeConfig(intermediate_size=20, num_experts=5, num_experts_per_tok=2, **common, **kw)
-    config._experts_implementation = "eager"
-    torch.manual_seed(seed)
-    block = Block(config)
-    with torch.no_grad():
-        for p in block.parameters():
-            p.normal_(0, 0.2)
-    return block
+    def forward(self, x):
+        logits = F.linear(x, self.weight)
+        weights, ids = logits.float().softmax(-1).topk(self.top_k, dim=-1)
+        return logits, weights / weights.sum(-1, keepdim=True), ids
 
 
-@pytest.mark.parametrize("family,kw", [
-    ("mixtral", {}),
-    ("qwen2_moe", {}),
-    ("qwen2_moe", dict(norm_topk_prob=True)),
-    ("qwen3_moe", dict(norm_topk_prob=True)),
-    ("qwen3_moe", dict(norm_topk_prob=False)),
-    ("olmoe", {}),
-    ("olmoe", dict(hidden_act="gelu")),
-])
-def test_from_module_matches_block(family, kw):
-    block = tiny_block(family, **kw)
+class ToyExperts(nn.Module):
+    def __init__(self, experts, hidden, inter):
+        super().__init__()
+        self.gate_up_proj = nn.Parameter(torch.randn(experts, 2 * inter, hidden) * 0.3)
+        self.down_proj = nn.Parameter(torch.randn(experts, hidden, inter) * 0.3)
+        self.act_fn = nn.SiLU()
+
+
+class ToyBlock(nn.Module):
+    def __init__(self, hidden=16, inter=12, experts=4, top_k=2):
+        super().__init__()
+        self.gate = ToyRouter(hidden, experts, top_k)
+        self.experts = ToyExperts(experts, hidden, inter)
+
+    def forward(self, x):
+        _, weights, ids = self.gate(x)
+        dense = torch.zeros(x.shape[0], self.experts.gate_up_proj.shape[0]).scatter(1, ids, weights)
+        gate_up = torch.einsum("th,eih->tei", x, self.experts.gate_up_proj)
+        inter = gate_up.shape[-1] // 2
+        y = torch.einsum("tei,ehi->teh", F.silu(gate_up[..., :inter]) * gate_up[..., inter:], self.experts.down_proj)
+        return (y * dense[..., None]).sum(1)
+
+
+def _path(cls):
+    return f"{cls.__module__}.{cls.__qualname__}"
+
+
+def test_from_module_reads_a_registered_family(monkeypatch):
+    from accel.nn import fused_moe as nn_moe
+
+    monkeypatch.setattr(nn_moe, "_BLOCK_FAMILIES", {})
+    monkeypatch.setattr(nn_moe, "_plugins_loaded", True)  # this test's families only
+    torch.manual_seed(0)
+    block = ToyBlock()
+    with pytest.raises(TypeError, match="ToyBlock"):
+        FusedMoE.from_module(block)
+    with pytest.raises(TypeError, match="MoEBlockFamily"):
+        nn_moe.register_moe_block(_path(ToyBlock), {"router": _path(ToyRouter)})
+    family = nn_moe.MoEBlockFamily(router=_path(ToyRouter), experts=_path(ToyExperts), renormalize=lambda r: True)
+    nn_moe.register_moe_block(_path(ToyBlock), family)
+    assert nn_moe.registered_moe_blocks() == {_path(ToyBlock): family}
     moe = FusedMoE.from_module(block)
-    # shared, not copied
-    assert moe.gate is block.gate and moe.experts is block.experts
-    assert moe.gate_up_proj is block.experts.gate_up_proj and moe.down_proj is block.experts.down_proj
+    assert moe.gate is block.gate and moe.experts is block.experts and moe.top_k == 2 and moe.renormalize
     assert moe.state_dict().keys() == block.state_dict().keys()
-    router = block.gate
-    assert moe.top_k == router.top_k and moe.num_experts == block.experts.gate_up_proj.shape[0]
-    assert moe.renormalize == getattr(router, "norm_topk_prob", True)
-    assert moe.activation == kw.get("hidden_act", "silu")
-    if family == "qwen2_moe":
-        assert moe.shared_expert is block.shared_expert and moe.shared_expert_gate is block.shared_expert_gate
-        assert moe.shared_expert_intermediate_size == 24
-    else:
-        assert moe.shared_expert is None
-    x = torch.randn(2, 5, 32, requires_grad=True)
-    out = moe(x)
-    out.pow(2).sum().backward()
-    got = [p.grad.clone() for p in block.parameters()] + [x.grad.clone()]
-    block.zero_grad(set_to_none=True)
-    x.grad = None
-    want = block(x)
-    want.pow(2).sum().backward()
-    torch.testing.assert_close(out, want, **TOL)
-    for (name, p), g in zip(block.named_parameters(), got):
-        torch.testing.assert_close(g, p.grad, rtol=1e-4, atol=1e-5, msg=lambda m: f"grad {name}: {m}")
-    torch.testing.assert_close(got[-1], x.grad, rtol=1e-4, atol=1e-5)
-
-
-def test_from_module_mixtral_jitter_reproduces_transformers():
-    block = tiny_block("mixtral", router_jitter_noise=0.1).train()
-    moe = FusedMoE.from_module(block)
-    assert moe.training and moe.jitter_noise == pytest.approx(0.1)
-    x = torch.randn(2, 4, 32)
-    torch.manual_seed(7)
-    got = moe(x)
-    torch.manual_seed(7)
-    want = block(x.clone())  # transformers jitters its input in place
-    torch.testing.assert_close(got, want, **TOL)
-
-
-def test_from_module_calls_a_hooked_router():
-    """transformers records router logits (output_router_logits) with forward hooks on the router."""
-    block = tiny_block("qwen3_moe", norm_topk_prob=True)
-    moe = FusedMoE.from_module(block)
-    recorded = []
-    handle = block.gate.register_forward_hook(lambda m, args, out: recorded.append(out[0]))
-    x = torch.randn(3, 32)[None]
-    out = moe(x)
-    handle.remove()
-    assert len(recorded) == 1 and recorded[0].shape == (3, 6)
-    torch.testing.assert_close(recorded[0], F.linear(x[0], block.gate.weight))
-    torch.testing.assert_close(out, block(x), **TOL)
-
-
-def test_from_module_rejects_what_it_cannot_run():
-    _transformers()
-    with pytest.raises(TypeError, match="MixtralSparseMoeBlock"):
-        FusedMoE.from_module(nn.Linear(4, 4))
-    with pytest.raises(ValueError, match="GELUTanh"):
-        FusedMoE.from_module(tiny_block("olmoe", hidden_act="gelu_pytorch_tanh"))
-    block = tiny_block("mixtral")
-    block.gate = nn.Linear(32, 4, bias=False)
-    with pytest.raises(TypeError, match="MixtralTopKRouter"):
+    x = torch.randn(6, 16)
+    torch.testing.assert_close(moe(x), block(x), **TOL)
+    block.gate = nn.Linear(16, 4, bias=False)
+    with pytest.raises(TypeError, match="ToyRouter"):
         FusedMoE.from_module(block)

@@ -2,9 +2,9 @@
 
 ``FusedExperts`` holds the expert weights in transformers' v5 layout and runs them with transformers'
 experts calling convention; ``FusedMoE`` is a whole sparse MoE block (router, experts, optional shared
-expert) whose routing and experts run in accel's kernels. ``FusedMoE.from_module`` wraps a transformers
-sparse MoE block (Mixtral, Qwen2-MoE, Qwen3-MoE, OLMoE) sharing its parameters, with the same
-``state_dict`` keys, outputs and calling convention.
+expert) whose routing and experts run in accel's kernels. ``FusedMoE.from_module`` wraps a sparse MoE block
+of a family registered with :func:`register_moe_block` (the accel-transformers plugin registers transformers'
+blocks), sharing its parameters, with the same ``state_dict`` keys, outputs and calling convention.
 
 The op module is imported on first construction, not with this file: ``accel.nn`` must stay importable
 when ``accel._C`` was built without the fused MoE kernels.
@@ -169,8 +169,8 @@ class FusedExperts(nn.Module):
 
 
 class GatedMLP(nn.Module):
-    """``down_proj(act(gate_proj(x)) * up_proj(x))`` with bias-free ``nn.Linear`` layers (Qwen2-MoE's shared
-    expert, ``Qwen2MoeMLP``, has the same submodules and ``state_dict`` keys)."""
+    """``down_proj(act(gate_proj(x)) * up_proj(x))`` with bias-free ``nn.Linear`` layers (the submodules
+    and ``state_dict`` keys of transformers' gated MLPs, which some models use as a shared expert)."""
 
     _FUNCTIONS: Dict[str, Callable[[Tensor], Tensor]] = {
         "silu": F.silu, "gelu": F.gelu, "relu": F.relu, "none": lambda t: t}
@@ -194,39 +194,59 @@ class GatedMLP(nn.Module):
         return f"activation={self.activation!r}"
 
 
-# ---------------------------------------------------------------- transformers sparse MoE blocks
+# ---------------------------------------------------------------- sparse MoE block families
 
 @dataclass(frozen=True)
-class _BlockFamily:
-    """How to read one transformers sparse MoE block class (all of them return a plain tensor)."""
+class MoEBlockFamily:
+    """How :meth:`FusedMoE.from_module` reads one sparse MoE block class.
 
-    router: str  # exact class of block.gate: returns (router_logits, top_k_weights, top_k_index)
+    The block has ``gate``, a router with ``weight`` ``(E, H)`` and ``top_k`` that returns
+    ``(router_logits, top_k_weights, top_k_index)`` when called, and ``experts``, whose ``gate_up_proj``
+    ``(E, 2I, H)``, ``down_proj`` ``(E, H, I)`` and ``act_fn`` are read (see :func:`experts_layout_reason`).
+    The block's forward returns a plain tensor.
+    """
+
+    router: str  # exact class of block.gate, as "module.QualName"
     experts: str  # exact class of block.experts
     renormalize: Callable[[nn.Module], bool]  # from the router
     shared_expert: bool = False  # block.shared_expert, scaled by sigmoid(block.shared_expert_gate(x))
     jitter: bool = False  # block.jitter_noise: x *= U(1 - j, 1 + j) in training, before routing
 
 
-def _transformers_family(module: str, prefix: str, **kw) -> _BlockFamily:
-    path = f"transformers.models.{module}.modeling_{module}."
-    return _BlockFamily(router=path + prefix + "TopKRouter", experts=path + prefix + "Experts", **kw)
+_BLOCK_FAMILIES: Dict[str, MoEBlockFamily] = {}
+_plugins_loaded = False
 
 
-def _norm_topk_prob(router: nn.Module) -> bool:
-    return bool(router.norm_topk_prob)
+def register_moe_block(block_class: str, family: MoEBlockFamily) -> None:
+    """Let :meth:`FusedMoE.from_module` read blocks of the exact class ``block_class`` (``"module.QualName"``).
+
+    Model-family plugins call this when imported (the accel-transformers plugin registers transformers'
+    sparse MoE blocks); registering a class again replaces its family.
+    """
+    if not isinstance(family, MoEBlockFamily):
+        raise TypeError(f"register_moe_block: family must be a MoEBlockFamily, got {type(family).__name__}")
+    _BLOCK_FAMILIES[block_class] = family
 
 
-# The sparse MoE blocks FusedMoE.from_module reads (their code is the same in transformers 5.17 and 5.24).
-TRANSFORMERS_MOE_BLOCKS: Dict[str, _BlockFamily] = {
-    "transformers.models.mixtral.modeling_mixtral.MixtralSparseMoeBlock":
-        _transformers_family("mixtral", "Mixtral", renormalize=lambda router: True, jitter=True),
-    "transformers.models.qwen2_moe.modeling_qwen2_moe.Qwen2MoeSparseMoeBlock":
-        _transformers_family("qwen2_moe", "Qwen2Moe", renormalize=_norm_topk_prob, shared_expert=True),
-    "transformers.models.qwen3_moe.modeling_qwen3_moe.Qwen3MoeSparseMoeBlock":
-        _transformers_family("qwen3_moe", "Qwen3Moe", renormalize=_norm_topk_prob),
-    "transformers.models.olmoe.modeling_olmoe.OlmoeSparseMoeBlock":
-        _transformers_family("olmoe", "Olmoe", renormalize=_norm_topk_prob),
-}
+def registered_moe_blocks() -> Dict[str, MoEBlockFamily]:
+    """The registered block classes and their families (a copy)."""
+    return dict(_BLOCK_FAMILIES)
+
+
+def moe_block_family(block: nn.Module) -> Optional[MoEBlockFamily]:
+    """The registered family of ``block``'s exact class, or None.
+
+    On the first miss the accel plugins are discovered (``accel.patching.list_plugins``): importing a plugin
+    registers its families, so ``from_module`` works without importing the plugin by hand.
+    """
+    global _plugins_loaded
+    path = _class_path(block)
+    if path not in _BLOCK_FAMILIES and not _plugins_loaded:
+        _plugins_loaded = True
+        from accel.patching import list_plugins
+
+        list_plugins()
+    return _BLOCK_FAMILIES.get(path)
 
 
 _DEFAULT_APPLY_GATE = None
@@ -287,7 +307,7 @@ class FusedMoE(nn.Module):
     ``forward(x (..., H)) -> (..., H)``: ``logits = gate(x)`` (in the model's dtype), then
     :func:`accel.ops.fused_moe.fused_moe` scores them in float32 (``"softmax"`` over all experts, or
     ``"sigmoid"``), keeps each token's ``top_k`` experts (renormalised to sum to 1 if ``renormalize``) and
-    runs them. With a shared expert (Qwen2-MoE), ``shared_expert(x)`` is added, scaled by
+    runs them. With a shared expert, ``shared_expert(x)`` is added, scaled by
     ``sigmoid(shared_expert_gate(x))`` when ``shared_expert_gate=True``.
 
     Submodules and ``state_dict`` keys are those of transformers' sparse MoE blocks: ``gate.weight``
@@ -304,9 +324,9 @@ class FusedMoE(nn.Module):
         router: build the ``gate`` router (``nn.Linear(H, E, bias=False)``). ``False``: no router, and
             ``forward(x, router_logits)`` takes the logits ``(..., E)``.
         shared_expert_intermediate_size: add a shared expert (:class:`GatedMLP`) of this size.
-        shared_expert_gate: scale the shared expert by ``sigmoid(Linear(H, 1)(x))`` (Qwen2-MoE).
+        shared_expert_gate: scale the shared expert by ``sigmoid(Linear(H, 1)(x))``.
         jitter_noise: in training mode, multiply the input by uniform noise in ``[1 - j, 1 + j]`` before
-            routing and experts (Mixtral's ``router_jitter_noise``: the same draw from the same RNG, so seeded
+            routing and experts (a router jitter as in transformers: the same draw from the same RNG, so seeded
             runs reproduce transformers exactly). Inactive in eval mode.
 
     Built by :meth:`from_module`, the submodules are the transformers block's own (``gate``, ``experts``,
@@ -383,24 +403,22 @@ class FusedMoE(nn.Module):
     def down_proj(self, value: nn.Parameter) -> None:
         self.experts.down_proj = value
 
-    # ------------------------------------------------------------ construction from transformers
+    # ------------------------------------------------------------ construction from a registered block
 
     @classmethod
     def from_module(cls, block: nn.Module) -> "FusedMoE":
-        """Wrap a transformers sparse MoE block: its submodules (router, experts, shared expert and its gate)
-        become this module's, shared, not copied.
+        """Wrap a sparse MoE block of a registered family (:func:`register_moe_block`; the accel-transformers
+        plugin registers transformers' blocks): its submodules (router, experts, shared expert and its gate)
+        become this module's, shared, not copied. Like the block, the result takes and returns one tensor.
 
-        Supported (exact classes): ``MixtralSparseMoeBlock`` (renormalised top-k, ``router_jitter_noise``),
-        ``Qwen2MoeSparseMoeBlock`` (``norm_topk_prob``, shared expert scaled by ``sigmoid(shared_expert_gate)``),
-        ``Qwen3MoeSparseMoeBlock`` and ``OlmoeSparseMoeBlock`` (``norm_topk_prob``). Like them, the result takes
-        and returns one tensor. Raises TypeError for other classes and ValueError when the experts' layout or
+        Raises TypeError for classes no family is registered for, and ValueError when the experts' layout or
         activation has no fused kernel (e.g. a tanh-approximated GELU).
         """
-        path = _class_path(block)
-        family = TRANSFORMERS_MOE_BLOCKS.get(path)
+        family = moe_block_family(block)
         if family is None:
-            names = ", ".join(p.rsplit(".", 1)[-1] for p in TRANSFORMERS_MOE_BLOCKS)
-            raise TypeError(f"{cls.__name__}.from_module expects one of {names}, got {type(block).__name__}")
+            names = ", ".join(p.rsplit(".", 1)[-1] for p in registered_moe_blocks()) or "none (no plugin registered one)"
+            raise TypeError(f"{cls.__name__}.from_module expects a registered sparse MoE block class: "
+                            f"{names}; got {type(block).__name__}")
         router, experts = getattr(block, "gate", None), getattr(block, "experts", None)
         for what, module, want in (("gate", router, family.router), ("experts", experts, family.experts)):
             if module is None or _class_path(module) != want:
@@ -440,7 +458,7 @@ class FusedMoE(nn.Module):
         if (router_logits is None) == (self.gate is None):
             raise ValueError(f"{name}: pass router_logits exactly when the module has no router (router=False)")
         if self.training and self.jitter_noise > 0:
-            # Mixtral's jitter (in place there, on a tensor nothing reads again): same draw, same RNG
+            # the block's own jitter (in place there, on a tensor nothing reads again): same draw, same RNG
             x = x * torch.empty_like(x).uniform_(1.0 - self.jitter_noise, 1.0 + self.jitter_noise)
         flat = x.reshape(-1, self.hidden_size)
         dtype = self.experts.gate_up_proj.dtype

@@ -27,7 +27,8 @@ from __future__ import annotations
 from accel.patching import Plugin, unmet_requirement
 from accel_transformers.conversion import SIGMOID_CONVERSION
 from accel_transformers.moe import MOE_BLOCK_RULE
-from accel_transformers.registration import EXPERTS_NAME, NAME, REQUIRES, register, registered
+from accel_transformers.names import EXPERTS_NAME, NAME, REQUIRES
+from accel_transformers.registration import register, registered
 
 __version__ = "0.1.0"
 
@@ -40,10 +41,10 @@ plugin = Plugin(
                 "sparse MoE blocks -> FusedMoE; convert={'attention': 'sigmoid'}",
 )
 
-# Register now when transformers>=5 is installed, so attn_implementation="accel_sigmoid" and
-# experts_implementation="accel" work right after `import accel_transformers`. Without it, importing this
-# package must still work: accel imports it to read `plugin`, whose requirement check then reports
-# "skipped: needs transformers>=5".
+# Register now when transformers>=5 is installed, so attn_implementation="accel_sigmoid",
+# experts_implementation="accel" and FusedMoE.from_module(block) work right after
+# `import accel_transformers`. Without it, importing this package must still work: accel imports it
+# to read `plugin`, whose requirement check then reports "skipped: needs transformers>=5".
 if all(unmet_requirement(req) is None for req in REQUIRES):
     register()
 

@@ -23,7 +23,7 @@ from torch import Tensor, nn
 
 from accel import _ext
 from accel_transformers.masks import MaskNotSupported, SigmoidAttentionMask, plan_from_tensor
-from accel_transformers.registration import NAME
+from accel_transformers.names import NAME
 
 # Registering the backend must not need the native extension (a model can be built without it); the
 # first forward then raises accel's "not built" error.

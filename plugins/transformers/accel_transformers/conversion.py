@@ -18,7 +18,7 @@ from typing import Callable, List, Optional, Tuple
 from torch import nn
 
 from accel.patching import Rule
-from accel_transformers.registration import NAME
+from accel_transformers.names import NAME
 
 # Attention implementations that compute softmax attention (what the conversion replaces).
 _SOFTMAX = ("eager", "sdpa", "flex_attention", "flash_attention_2", "flash_attention_3", "flash_attention_4",

@@ -18,16 +18,8 @@ from torch import Tensor, nn
 
 from accel import _ext
 from accel.patching import Rule
-from accel_transformers.registration import EXPERTS_NAME
-
-# The blocks FusedMoE.from_module reads (accel.nn.fused_moe.TRANSFORMERS_MOE_BLOCKS, which needs the native
-# extension to import): named by path so that reading this plugin imports neither transformers nor accel._C.
-MOE_BLOCKS = (
-    "transformers.models.mixtral.modeling_mixtral.MixtralSparseMoeBlock",
-    "transformers.models.qwen2_moe.modeling_qwen2_moe.Qwen2MoeSparseMoeBlock",
-    "transformers.models.qwen3_moe.modeling_qwen3_moe.Qwen3MoeSparseMoeBlock",
-    "transformers.models.olmoe.modeling_olmoe.OlmoeSparseMoeBlock",
-)
+from accel_transformers.blocks import MOE_BLOCKS, register_moe_blocks
+from accel_transformers.names import EXPERTS_NAME
 
 _fused = None  # accel.nn.fused_moe, imported on first use: it needs the native extension
 _REASONS = {}  # (device type, dtype) -> why the fused MoE cannot run there (None: it can)
@@ -44,8 +36,10 @@ def _fused_moe():
 
 def prepare() -> None:
     """Import what the experts forward needs and read the op's capability record now, eagerly: doing either
-    inside a compiled forward would break the graph. Called by ``register()``."""
+    inside a compiled forward would break the graph; and register the sparse MoE blocks with
+    ``FusedMoE.from_module``. Called by ``register()``."""
     if _ext.available():
+        register_moe_blocks()
         from accel.ops import capability
 
         for device_type, dtypes in capability("fused_moe").dtypes.items():
@@ -143,7 +137,9 @@ def _block_check(block: nn.Module) -> Optional[str]:
     if reason is not None:
         return reason
     fused = _fused_moe()
-    family = fused.TRANSFORMERS_MOE_BLOCKS[fused._class_path(block)]
+    family = fused.moe_block_family(block)
+    if family is None:
+        return f"{type(block).__name__} is not registered with FusedMoE.from_module"
     for what, want in (("gate", family.router), ("experts", family.experts)):
         child = getattr(block, what, None)
         if child is None or fused._class_path(child) != want:

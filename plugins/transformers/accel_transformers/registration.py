@@ -5,10 +5,7 @@ from __future__ import annotations
 import threading
 
 from accel.patching import unmet_requirement
-
-NAME = "accel_sigmoid"
-EXPERTS_NAME = "accel"
-REQUIRES = ("transformers>=5",)
+from accel_transformers.names import EXPERTS_NAME, NAME, REQUIRES
 
 _lock = threading.Lock()
 

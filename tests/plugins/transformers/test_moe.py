@@ -1,5 +1,5 @@
-"""The accel-transformers plugin's mixture of experts: accel.patch replacing sparse MoE blocks by FusedMoE, and
-experts_implementation="accel".
+"""The accel-transformers plugin's mixture of experts: accel.patch replacing sparse MoE blocks by FusedMoE,
+FusedMoE.from_module on the blocks the plugin registers, and experts_implementation="accel".
 
 Tiny random-weight Mixtral, Qwen2-MoE (with its shared expert), Qwen3-MoE and OLMoE causal LMs are built here
 (nothing is downloaded); the oracle is the same model with transformers' eager experts loop.
@@ -11,6 +11,8 @@ import warnings
 
 import pytest
 import torch
+import torch.nn.functional as F
+from torch import nn
 
 from accel import _ext
 from accel.patching import unmet_requirement
@@ -28,7 +30,7 @@ accel_transformers = pytest.importorskip(
 
 import accel  # noqa: E402
 from accel.nn import FusedMoE  # noqa: E402
-from accel.nn.fused_moe import TRANSFORMERS_MOE_BLOCKS  # noqa: E402
+from accel.nn.fused_moe import registered_moe_blocks  # noqa: E402
 from accel_transformers import moe as plugin_moe  # noqa: E402
 from transformers import (  # noqa: E402
     AutoModelForCausalLM, MixtralConfig, OlmoeConfig, Qwen2MoeConfig, Qwen3MoeConfig)
@@ -98,9 +100,9 @@ def test_registered_with_the_plugin():
     assert accel_transformers.registered()
     accel_transformers.register()  # idempotent
     assert plugin_moe.MOE_BLOCK_RULE in accel_transformers.plugin.rules
-    # the plugin names the classes without importing accel.nn; they must be the ones FusedMoE reads
-    assert set(plugin_moe.MOE_BLOCKS) == set(TRANSFORMERS_MOE_BLOCKS)
-    assert set(plugin_moe.MOE_BLOCK_RULE.classes) == set(TRANSFORMERS_MOE_BLOCKS)
+    # the classes the rule matches are the ones the plugin registered with FusedMoE.from_module
+    assert set(plugin_moe.MOE_BLOCK_RULE.classes) == set(plugin_moe.MOE_BLOCKS)
+    assert set(plugin_moe.MOE_BLOCKS) <= set(registered_moe_blocks())
 
 
 # ---------------------------------------------------------------- accel.patch: blocks -> FusedMoE
@@ -281,3 +283,109 @@ def test_bf16_smoke(family):
         loss, grads = train_step(model, ids)
         assert torch.isfinite(loss)
         assert all(g is None or torch.isfinite(g).all() for g in grads.values())
+
+
+# ---------------------------------------------------------------- FusedMoE.from_module on the registered blocks
+
+BLOCK_TOL = dict(rtol=1e-5, atol=1e-5)
+
+
+def tiny_block(family, seed=0, **kw):
+    """One sparse MoE block from a tiny config, every parameter random (the blocks leave some uninitialised)."""
+    common = dict(hidden_size=32, num_attention_heads=4, num_key_value_heads=2, num_hidden_layers=1, vocab_size=64)
+    if family == "mixtral":
+        from transformers.models.mixtral.modeling_mixtral import MixtralSparseMoeBlock as Block
+        config = MixtralConfig(intermediate_size=40, num_local_experts=4, num_experts_per_tok=2, **common, **kw)
+    elif family == "qwen2_moe":
+        from transformers.models.qwen2_moe.modeling_qwen2_moe import Qwen2MoeSparseMoeBlock as Block
+        config = Qwen2MoeConfig(moe_intermediate_size=20, shared_expert_intermediate_size=24, num_experts=6,
+                                   num_experts_per_tok=2, **common, **kw)
+    elif family == "qwen3_moe":
+        from transformers.models.qwen3_moe.modeling_qwen3_moe import Qwen3MoeSparseMoeBlock as Block
+        config = Qwen3MoeConfig(moe_intermediate_size=20, num_experts=6, num_experts_per_tok=3, **common, **kw)
+    else:
+        from transformers.models.olmoe.modeling_olmoe import OlmoeSparseMoeBlock as Block
+        config = OlmoeConfig(intermediate_size=20, num_experts=5, num_experts_per_tok=2, **common, **kw)
+    config._experts_implementation = "eager"
+    torch.manual_seed(seed)
+    block = Block(config)
+    with torch.no_grad():
+        for p in block.parameters():
+            p.normal_(0, 0.2)
+    return block
+
+
+@pytest.mark.parametrize("family,kw", [
+    ("mixtral", {}),
+    ("qwen2_moe", {}),
+    ("qwen2_moe", dict(norm_topk_prob=True)),
+    ("qwen3_moe", dict(norm_topk_prob=True)),
+    ("qwen3_moe", dict(norm_topk_prob=False)),
+    ("olmoe", {}),
+    ("olmoe", dict(hidden_act="gelu")),
+])
+def test_from_module_matches_block(family, kw):
+    block = tiny_block(family, **kw)
+    moe = FusedMoE.from_module(block)
+    # shared, not copied
+    assert moe.gate is block.gate and moe.experts is block.experts
+    assert moe.gate_up_proj is block.experts.gate_up_proj and moe.down_proj is block.experts.down_proj
+    assert moe.state_dict().keys() == block.state_dict().keys()
+    router = block.gate
+    assert moe.top_k == router.top_k and moe.num_experts == block.experts.gate_up_proj.shape[0]
+    assert moe.renormalize == getattr(router, "norm_topk_prob", True)
+    assert moe.activation == kw.get("hidden_act", "silu")
+    if family == "qwen2_moe":
+        assert moe.shared_expert is block.shared_expert and moe.shared_expert_gate is block.shared_expert_gate
+        assert moe.shared_expert_intermediate_size == 24
+    else:
+        assert moe.shared_expert is None
+    x = torch.randn(2, 5, 32, requires_grad=True)
+    out = moe(x)
+    out.pow(2).sum().backward()
+    got = [p.grad.clone() for p in block.parameters()] + [x.grad.clone()]
+    block.zero_grad(set_to_none=True)
+    x.grad = None
+    want = block(x)
+    want.pow(2).sum().backward()
+    torch.testing.assert_close(out, want, **BLOCK_TOL)
+    for (name, p), g in zip(block.named_parameters(), got):
+        torch.testing.assert_close(g, p.grad, rtol=1e-4, atol=1e-5, msg=lambda m: f"grad {name}: {m}")
+    torch.testing.assert_close(got[-1], x.grad, rtol=1e-4, atol=1e-5)
+
+
+def test_from_module_mixtral_jitter_reproduces_transformers():
+    block = tiny_block("mixtral", router_jitter_noise=0.1).train()
+    moe = FusedMoE.from_module(block)
+    assert moe.training and moe.jitter_noise == pytest.approx(0.1)
+    x = torch.randn(2, 4, 32)
+    torch.manual_seed(7)
+    got = moe(x)
+    torch.manual_seed(7)
+    want = block(x.clone())  # transformers jitters its input in place
+    torch.testing.assert_close(got, want, **BLOCK_TOL)
+
+
+def test_from_module_calls_a_hooked_router():
+    """transformers records router logits (output_router_logits) with forward hooks on the router."""
+    block = tiny_block("qwen3_moe", norm_topk_prob=True)
+    moe = FusedMoE.from_module(block)
+    recorded = []
+    handle = block.gate.register_forward_hook(lambda m, args, out: recorded.append(out[0]))
+    x = torch.randn(3, 32)[None]
+    out = moe(x)
+    handle.remove()
+    assert len(recorded) == 1 and recorded[0].shape == (3, 6)
+    torch.testing.assert_close(recorded[0], F.linear(x[0], block.gate.weight))
+    torch.testing.assert_close(out, block(x), **BLOCK_TOL)
+
+
+def test_from_module_rejects_what_it_cannot_run():
+    with pytest.raises(TypeError, match="MixtralSparseMoeBlock"):
+        FusedMoE.from_module(nn.Linear(4, 4))
+    with pytest.raises(ValueError, match="GELUTanh"):
+        FusedMoE.from_module(tiny_block("olmoe", hidden_act="gelu_pytorch_tanh"))
+    block = tiny_block("mixtral")
+    block.gate = nn.Linear(32, 4, bias=False)
+    with pytest.raises(TypeError, match="MixtralTopKRouter"):
+        FusedMoE.from_module(block)
