@@ -26,7 +26,7 @@ TEST = os.path.join(ROOT, "tests", "cpp", "test_sigmoid_attention_cuda_emu.cpp")
 
 def find_cuda_include():
     sys.path.insert(0, ROOT)
-    from setup import cuda_header_dir  # noqa: E402
+    from build_config import cuda_header_dir  # noqa: E402
 
     inc = cuda_header_dir()
     if inc is None:
