@@ -1,10 +1,10 @@
 // The sigmoid-attention CUDA kernels (tensor-core fp16/bf16 and fp32, forward and backward) run
-// on the CPU through the emulator in csrc/common/cuda_emu.h, against a float64 reference, on
+// on the CPU through the emulator in cuda_emu.h (next to this file), against a float64 reference, on
 // machines without a GPU. Each case runs under two schedules: cp.async landing late with the warps
 // run one after another, and landing early with the warps run in reverse (every third case also in
 // lockstep, shuffled), so missing waits and barriers show up as wrong results.
 //
-// Build: tests/cpp/CMakeLists via the top-level CMakeLists.txt (needs the CUDA headers only).
+// Build: the top-level CMakeLists.txt (needs the CUDA headers only).
 // Run:   test_sigmoid_attention_cuda_emu [filter]   (exit 1 on any failure)
 #define ACCEL_CUDA_EMU_RUNTIME
 #include "sigmoid_attention/cuda/sigmoid_attention_fp32_cuda.cu"  // also brings in the tensor-core kernels

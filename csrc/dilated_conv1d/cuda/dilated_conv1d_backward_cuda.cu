@@ -40,8 +40,7 @@ constexpr int64_t kMaxRowExtent = int64_t(1) << 29;  // as in the forward launch
 constexpr int kDeadShift = -(1 << 30);
 
 // At least 2 resident blocks per SM (<= 128 registers, no spills): left alone, the 16-tap variant
-// takes ~145 registers to keep its loads in flight and fits only one block per SM; asking for 3
-// blocks (<= 85 registers) spills.
+// spends more registers on loads in flight and fits only one block per SM; 3 blocks would spill.
 template <typename scalar_t, int kTaps>
 __global__ void __launch_bounds__(kGradWeightThreads, 2)
 dilated_conv1d_grad_weight_kernel(const scalar_t* __restrict__ dz, const scalar_t* __restrict__ x,

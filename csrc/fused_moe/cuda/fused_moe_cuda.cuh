@@ -8,7 +8,7 @@
 // every expert: CTA row-block b works on expert block_expert[b] (-1: an unused block, which exits).
 #pragma once
 
-#include <ATen/core/Tensor.h>
+#include <c10/core/ScalarType.h>
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
 #include <cuda_runtime.h>

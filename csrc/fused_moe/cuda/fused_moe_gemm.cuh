@@ -16,18 +16,12 @@
 // lies inside it, 2- or 4-byte loads elsewhere (odd H or I, misaligned tensors).
 //
 // fp16/bf16: 4 warps, each a 32 x 32 sub-tile with mma.sync.m16n8k16 (fp32 accumulation) fed by
-// ldmatrix. Fragment layouts (PTX ISA "Matrix fragments for mma.m16n8k16"), lane = threadIdx % 32:
-//   A 16x16: a0 (r, c) a1 (r + 8, c) a2 (r, c + 8) a3 (r + 8, c + 8), r = lane / 4, c = 2 (lane % 4) + {0, 1}
-//   B 16x8 (k x n): b0 (k, n), b1 (k + 8, n), k = 2 (lane % 4) + {0, 1}, n = lane / 4
-//   C 16x8: c0, c1 (r, c), c2, c3 (r + 8, c)
-// ldmatrix.x4: lanes 8i..8i+7 give the row addresses of 8x8 matrix i; each lane receives (row
-// lane / 4, cols 2 (lane % 4) + {0, 1}) of every matrix. B is stored [n][k], so a non-transposed
-// 8x8 load of rows n, columns k is exactly the b0 (or b1) fragment. A pitch of kBK + 8 elements
-// (80 bytes) puts the 8 row addresses of a matrix in 8 different 16-byte bank groups.
+// ldmatrix (common/cuda_mma.cuh gives the fragment layouts). B is stored [n][k], so a
+// non-transposed 8x8 load of rows n, columns k is exactly the b0 (or b1) fragment. A pitch of
+// kBK + 8 elements (80 bytes) puts the 8 row addresses of a matrix in 8 different 16-byte bank groups.
 // float32: 256 threads, each a 4 x 4 micro-tile with FMAs (pitch kBK + 1: conflict-free columns).
 #pragma once
 
-#include <c10/cuda/CUDAException.h>
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
 #include <cuda_runtime.h>
@@ -36,9 +30,13 @@
 #include <cstring>
 #include <type_traits>
 
+#include "common/cuda_mma.cuh"
+#include "common/cuda_portable.h"
 #include "fused_moe/cuda/fused_moe_cuda.cuh"
 
 namespace accel::fused_moe::cuda::gemm {
+
+using namespace ::accel::cuda_mma;
 
 constexpr int kBM = kBlockM;
 constexpr int kBN = kBlockN;
@@ -60,38 +58,6 @@ union Chunk {
   uint4 v;
   typename Cfg<T>::Bits e[Cfg<T>::kVec];
 };
-
-// ------------------------------------------------------------------ PTX wrappers
-
-__device__ __forceinline__ uint32_t smem_u32(const void* ptr) {
-  return static_cast<uint32_t>(__cvta_generic_to_shared(ptr));
-}
-
-__device__ __forceinline__ void ldmatrix_x4(uint32_t (&r)[4], uint32_t addr) {
-  asm volatile("ldmatrix.sync.aligned.m8n8.x4.shared.b16 {%0, %1, %2, %3}, [%4];\n"
-               : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
-               : "r"(addr));
-}
-
-// c[0..3] += A (16x16) B (16x8), fp32 accumulation
-template <typename T>
-__device__ __forceinline__ void mma_16816(float* c, const uint32_t (&a)[4], uint32_t b0, uint32_t b1);
-template <>
-__device__ __forceinline__ void mma_16816<__half>(float* c, const uint32_t (&a)[4], uint32_t b0, uint32_t b1) {
-  asm(
-      "mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32 {%0, %1, %2, %3}, {%4, %5, %6, %7}, {%8, %9}, "
-      "{%0, %1, %2, %3};\n"
-      : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
-      : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
-}
-template <>
-__device__ __forceinline__ void mma_16816<__nv_bfloat16>(float* c, const uint32_t (&a)[4], uint32_t b0, uint32_t b1) {
-  asm(
-      "mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0, %1, %2, %3}, {%4, %5, %6, %7}, {%8, %9}, "
-      "{%0, %1, %2, %3};\n"
-      : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
-      : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
-}
 
 // ------------------------------------------------------------------ operand access
 
@@ -148,7 +114,7 @@ __global__ void __launch_bounds__(Cfg<T>::kThreads) moe_gemm_kernel(const GemmPa
   static_assert(kAC * kVec * kThreads == kBM * kBK && kBC * kVec * kThreads == kBN * kBK, "tile split");
   static_assert(kBM % kVec == 0 && kBN % kVec == 0 && kBK % kVec == 0, "chunking");
 
-  __shared__ __align__(16) unsigned char smem[kSmemBytes];
+  ACCEL_STATIC_SMEM(unsigned char, smem, kSmemBytes);
   Bits* As = reinterpret_cast<Bits*>(smem);  // [2][kBM][kPitch]
   Bits* Bs = As + 2 * kATile;                // [2][kNB][kBN][kPitch]
 
@@ -283,8 +249,8 @@ __global__ void __launch_bounds__(Cfg<T>::kThreads) moe_gemm_kernel(const GemmPa
                                      ((lane / 8) % 2) * 8));
 #pragma unroll
             for (int mi = 0; mi < 2; ++mi) {
-              mma_16816<T>(&acc[q][(mi * 4 + 2 * nj) * 4], af[mi], bf[0], bf[1]);
-              mma_16816<T>(&acc[q][(mi * 4 + 2 * nj + 1) * 4], af[mi], bf[2], bf[3]);
+              mma_m16n8k16<T>(&acc[q][(mi * 4 + 2 * nj) * 4], af[mi], bf[0], bf[1]);
+              mma_m16n8k16<T>(&acc[q][(mi * 4 + 2 * nj + 1) * 4], af[mi], bf[2], bf[3]);
             }
           }
         }
@@ -420,16 +386,17 @@ __global__ void __launch_bounds__(Cfg<T>::kThreads) moe_gemm_kernel(const GemmPa
 }
 
 template <typename T, GemmMode kMode>
-void launch(const GemmParams& p, cudaStream_t stream) {
+cudaError_t launch(const GemmParams& p, cudaStream_t stream) {
   dim3 grid;
   if constexpr (kMode == GemmMode::WGrad) {
     grid = dim3(static_cast<unsigned>(ceil_div(p.M, kBM) * ceil_div(p.N, kBN) * p.experts));
   } else {
     grid = dim3(static_cast<unsigned>(p.n_blocks), static_cast<unsigned>(ceil_div(p.N, kBN)));
   }
-  if (grid.x == 0 || grid.y == 0) return;
-  moe_gemm_kernel<T, kMode><<<grid, Cfg<T>::kThreads, 0, stream>>>(p);
-  C10_CUDA_KERNEL_LAUNCH_CHECK();
+  if (grid.x == 0 || grid.y == 0) return cudaSuccess;
+  auto kernel = &moe_gemm_kernel<T, kMode>;
+  ACCEL_LAUNCH(kernel, grid, Cfg<T>::kThreads, 0, stream, p);
+  return cudaGetLastError();
 }
 
 }  // namespace accel::fused_moe::cuda::gemm

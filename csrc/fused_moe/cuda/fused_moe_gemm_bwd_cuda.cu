@@ -1,5 +1,6 @@
 // Backward grouped GEMMs of the fused MoE over the sorted pair rows: z = dout W2[e] (with the
 // dg/du and d topk_weights epilogue) and dx rows = [dg; du] W1[e].
+#include <c10/cuda/CUDAException.h>
 #include <c10/util/Exception.h>
 
 #include "fused_moe/cuda/fused_moe_gemm.cuh"
@@ -8,12 +9,11 @@ namespace accel::fused_moe::cuda {
 
 template <typename T>
 static void launch_bwd(GemmMode mode, const GemmParams& p, cudaStream_t stream) {
-  if (mode == GemmMode::ZBwd) {
-    gemm::launch<T, GemmMode::ZBwd>(p, stream);
-  } else {
-    TORCH_CHECK(mode == GemmMode::DxBwd, "fused_moe: internal error, not a backward row GEMM mode");
-    gemm::launch<T, GemmMode::DxBwd>(p, stream);
-  }
+  TORCH_CHECK(mode == GemmMode::ZBwd || mode == GemmMode::DxBwd,
+              "fused_moe: internal error, not a backward row GEMM mode");
+  const cudaError_t e = mode == GemmMode::ZBwd ? gemm::launch<T, GemmMode::ZBwd>(p, stream)
+                                               : gemm::launch<T, GemmMode::DxBwd>(p, stream);
+  C10_CUDA_CHECK(e);
 }
 
 void launch_gemm_bwd(at::ScalarType dtype, GemmMode mode, const GemmParams& p, cudaStream_t stream) {

@@ -1,6 +1,6 @@
 // fp16 backward tensor-core kernels of sigmoid attention, one per head-dim bucket (see
-// sigmoid_attention_kernels.cuh). One file per (dtype, direction) so that they build in parallel.
-#include "sigmoid_attention/cuda/sigmoid_attention_kernels.cuh"
+// sigmoid_attention_bwd.cuh). One file per (dtype, direction) so that they build in parallel.
+#include "sigmoid_attention/cuda/sigmoid_attention_bwd.cuh"
 
 namespace accel::sigmoid_attention::cuda {
 

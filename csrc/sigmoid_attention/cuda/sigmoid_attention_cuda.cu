@@ -1,6 +1,6 @@
 // CUDA backend of accel::sigmoid_attention_fwd / _bwd: argument checks (shared with the CPU
 // backend through make_problem), output allocation, kernel choice and launch. The kernels are in
-// sigmoid_attention_kernels.cuh (fp16/bf16 tensor cores) and sigmoid_attention_fp32_cuda.cu.
+// sigmoid_attention_fwd.cuh / _bwd.cuh (fp16/bf16 tensor cores) and sigmoid_attention_fp32_cuda.cu.
 //
 // Everything here is asynchronous on the current stream (no host synchronisation, no reads of
 // device values), so the ops can be captured in CUDA graphs: varlen lengths and seqused_k are read

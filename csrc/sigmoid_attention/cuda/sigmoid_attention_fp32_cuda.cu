@@ -7,7 +7,10 @@
 // Backward: one CTA per (16 keys, kv head, batch) looping over the GQA group's query heads and
 // the query blocks of 16 that see the keys. Thread t owns columns t and t + 128 of dK and dV of
 // the 16 keys; dQ is added with fp32 atomics into the (zeroed) fp32 dq output.
-#include "sigmoid_attention/cuda/sigmoid_attention_kernels.cuh"
+//
+// fwd_tile_shape / bwd_tile_shape, at the end, report the tensor-core kernels' configurations.
+#include "sigmoid_attention/cuda/sigmoid_attention_bwd.cuh"
+#include "sigmoid_attention/cuda/sigmoid_attention_fwd.cuh"
 
 namespace accel::sigmoid_attention::cuda {
 namespace detail {

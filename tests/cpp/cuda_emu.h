@@ -1,17 +1,19 @@
 // A CPU emulator for this project's CUDA kernels, for tests on machines without a GPU.
 //
 // Compiled with a host compiler (never nvcc) and ACCEL_CUDA_EMU defined, a kernel source that
-// uses the portable spellings of csrc/common/cuda_portable.h (dynamic shared memory, launches, the
-// PTX wrappers) runs here: every CUDA thread is a fiber (ucontext) with its own stack, and a
-// scheduler runs the fibers of one block, one at a time, up to their next synchronisation point.
+// uses the portable spellings of csrc/common/cuda_portable.h (shared memory, launches) and the
+// warp-level wrappers of csrc/common/cuda_mma.cuh runs here: every CUDA thread is a fiber
+// (ucontext) with its own stack, and a scheduler runs the fibers of one block, one at a time, up
+// to their next synchronisation point.
 //   - __syncthreads / __syncwarp: rendezvous of every live thread of the block / warp.
 //   - warp collectives (ldmatrix, mma.sync): each lane parks its operands; when all 32 lanes of the
 //     warp wait at the same collective, the scheduler computes the warp-wide result.
 //   - cp.async: the 16 bytes are captured when issued and written to shared memory either at once
 //     (CpAsyncMode::early) or only when cp.async.wait_group retires their group (late), so a
 //     missing wait and a write into a buffer other warps still read both change the result.
-//   - shared memory starts filled with 0xff bytes (NaN as fp16/bf16/fp32): reading what nobody
-//     wrote shows up in the output.
+//   - a block's shared memory is its dynamic part followed by its static arrays (in the order the
+//     kernel declares them), all filled with 0xff bytes (NaN as fp16/bf16/fp32): reading what
+//     nobody wrote shows up in the output.
 //   - the threads of a block run in lockstep (forward, reverse or shuffled order) or warp by warp,
 //     each warp as far as the next __syncthreads before the next warp starts (warp_serial, in
 //     either direction): a missing barrier between one warp's writes and another's reads, or
@@ -60,6 +62,7 @@ struct Lane {
   Dim3 thread_idx;
   int linear = 0;
   bool done = false;
+  int static_seen = 0;  // static shared arrays this thread has declared so far
   Wait wait = Wait::none;
   // the parked operands of a warp collective
   Op op = Op::none;
@@ -84,7 +87,9 @@ struct State {
   Order order = Order::forward;
   uint64_t seed = 1;
   Dim3 grid, block, block_idx;
-  std::vector<unsigned char> smem;
+  std::vector<unsigned char> smem;  // dynamic part, then the static arrays
+  size_t smem_dynamic = 0, smem_used = 0;
+  std::vector<size_t> static_offsets;  // of the block's static arrays, in declaration order
   std::vector<Lane> lanes;
   std::vector<std::vector<char>> stacks;
   Lane* current = nullptr;
@@ -136,14 +141,32 @@ inline unsigned char* dynamic_smem() { return state().smem.data(); }
 inline uint32_t shared_address(const void* p) {
   State& s = state();
   const auto* c = static_cast<const unsigned char*>(p);
-  if (c < s.smem.data() || c > s.smem.data() + s.smem.size()) fail("a shared-memory address outside the block's shared memory");
+  if (c < s.smem.data() || c > s.smem.data() + s.smem_used) {
+    fail("a shared-memory address outside the block's shared memory");
+  }
   return static_cast<uint32_t>(c - s.smem.data());
 }
 
 inline unsigned char* shared_at(uint32_t addr, uint32_t bytes) {
   State& s = state();
-  if (static_cast<uint64_t>(addr) + bytes > s.smem.size()) fail("a shared-memory access past the end of the dynamic shared memory");
+  if (static_cast<uint64_t>(addr) + bytes > s.smem_used) fail("a shared-memory access past the end of shared memory");
   return s.smem.data() + addr;
+}
+
+// A __shared__ array of the kernel: every thread of the block gets the same storage for its k-th
+// declaration. It lies after the dynamic part and the earlier arrays, 16-byte aligned.
+constexpr size_t kStaticSmemLimit = 48 * 1024;
+inline unsigned char* static_smem(size_t bytes) {
+  State& s = state();
+  Lane* l = current();
+  const size_t k = static_cast<size_t>(l->static_seen++);
+  if (k == s.static_offsets.size()) {
+    const size_t off = (s.smem_used + 15) / 16 * 16;
+    if (off + bytes - s.smem_dynamic > kStaticSmemLimit) fail("static shared memory over 48 KiB");
+    s.static_offsets.push_back(off);
+    s.smem_used = off + bytes;
+  }
+  return s.smem.data() + s.static_offsets[k];
 }
 
 // ------------------------------------------------------------------ barriers and atomics
@@ -202,7 +225,7 @@ inline void ldmatrix(uint32_t* out, int count, bool trans, uint32_t addr) {
   yield_until_released(Wait::collective);
 }
 
-inline void mma_m16n8k16(float (&c)[4], const uint32_t (&a)[4], uint32_t b0, uint32_t b1, bool bf16) {
+inline void mma_m16n8k16(float* c, const uint32_t (&a)[4], uint32_t b0, uint32_t b1, bool bf16) {
   Lane* l = current();
   l->op = Op::mma;
   for (int i = 0; i < 4; ++i) l->a[i] = a[i];
@@ -461,7 +484,10 @@ inline void launch(Dim3 grid, Dim3 block, size_t smem_bytes, const std::function
     for (unsigned by = 0; by < grid.y; ++by) {
       for (unsigned bx = 0; bx < grid.x; ++bx) {
         s.block_idx = Dim3{bx, by, bz};
-        s.smem.assign(smem_bytes, 0xff);
+        // capacity for the static arrays too, so that their pointers stay valid
+        s.smem.assign(smem_bytes + 16 + kStaticSmemLimit, 0xff);
+        s.smem_dynamic = s.smem_used = smem_bytes;
+        s.static_offsets.clear();
         s.lanes.assign(nthreads, Lane{});
         std::vector<int> order(nthreads);
         for (int i = 0; i < nthreads; ++i) {
@@ -508,6 +534,10 @@ inline float atomicAdd(float* p, float v) {
   const float old = *p;
   *p = old + v;
   return old;
+}
+template <class T>
+inline T __ldg(const T* p) {
+  return *p;
 }
 inline float __expf(float x) { return std::exp(x); }
 inline float __fdividef(float a, float b) { return a / b; }
