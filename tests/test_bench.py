@@ -8,7 +8,8 @@ import pytest
 import torch
 
 from accel import _ext
-from accel.bench import harness
+from accel.bench import cli, harness, memory, timing
+from accel.bench.case import READ_BW, Case, Setup, backward_setup, tolerance
 
 needs_ext = pytest.mark.skipif(not _ext.available(), reason="accel._C is not built")
 
@@ -18,7 +19,7 @@ needs_ext = pytest.mark.skipif(not _ext.available(), reason="accel._C is not bui
 def test_time_interleaved_runs_round_robin():
     log = []
     fns = {name: (lambda name=name: log.append(name)) for name in "ABC"}
-    times, first = harness.time_interleaved(fns, warmup=2, min_reps=5, max_reps=5, budget_s=0.0, keep_first="B")
+    times, first = timing.time_interleaved(fns, warmup=2, min_reps=5, max_reps=5, budget_s=0.0, keep_first="B")
     assert {k: len(v) for k, v in times.items()} == {"A": 5, "B": 5, "C": 5}
     assert all(t >= 0 for v in times.values() for t in v)
     assert list(first) == ["B"]
@@ -31,24 +32,42 @@ def test_time_interleaved_runs_round_robin():
 
 def test_time_interleaved_reps_follow_budget():
     fns = {"a": lambda: None, "b": lambda: None}
-    times, _ = harness.time_interleaved(fns, warmup=1, min_reps=3, max_reps=7, budget_s=10.0)
+    times, _ = timing.time_interleaved(fns, warmup=1, min_reps=3, max_reps=7, budget_s=10.0)
     assert len(times["a"]) == 7  # fast calls: capped by max_reps
-    times, _ = harness.time_interleaved(fns, warmup=1, min_reps=3, max_reps=7, budget_s=0.0)
+    times, _ = timing.time_interleaved(fns, warmup=1, min_reps=3, max_reps=7, budget_s=0.0)
     assert len(times["a"]) == 3  # no budget: min_reps
 
 
 def test_compare_outputs():
     a = torch.tensor([1.0, -4.0, 2.0])
-    assert harness.compare_outputs(a, a.clone())["rel"] == 0.0
-    c = harness.compare_outputs((a, a), (a, a + torch.tensor([0.0, 0.0, 0.4])))
+    assert timing.compare_outputs(a, a.clone())["rel"] == 0.0
+    c = timing.compare_outputs((a, a), (a, a + torch.tensor([0.0, 0.0, 0.4])))
     assert math.isclose(c["rel"], 0.1, rel_tol=1e-6)
-    assert harness.compare_outputs(a, a[:2])["rel"] == math.inf
-    assert harness.compare_outputs(a, torch.tensor([1.0, float("nan"), 2.0]))["rel"] == math.inf
+    assert timing.compare_outputs(a, a[:2])["rel"] == math.inf
+    assert timing.compare_outputs(a, torch.tensor([1.0, float("nan"), 2.0]))["rel"] == math.inf
+
+
+def test_backward_setup_makes_leaves_require_grad_and_resets():
+    x, w = torch.randn(3), torch.randn(3)
+    setup = backward_setup({"mul": lambda: x * w}, (x, w), torch.ones(3))
+    assert x.requires_grad and w.requires_grad
+    gx, gw = setup.impls["mul"]()
+    assert torch.equal(gx, w) and torch.equal(gw, x)
+    gx2, _ = setup.impls["mul"]()  # every call starts from cleared gradients: no accumulation
+    assert torch.equal(gx2, w)
+    setup.reset()
+    assert x.grad is None and w.grad is None
+
+
+def test_tolerance():
+    assert tolerance("float32", "fwd") < tolerance("float32", "fwd+bwd") < tolerance("bfloat16", "fwd")
+    assert tolerance("float64", "fwd+bwd") < tolerance("float32", "fwd")
+    assert tolerance("float16", "fwd", low_precision=5e-2) == 5e-2
 
 
 # --------------------------------------------------------------------------- memory (spawned worker)
 
-def alloc_builder(nbytes: int, device: str = "cpu") -> harness.Setup:
+def alloc_builder(nbytes: int, device: str = "cpu") -> Setup:
     """Module-level (so the spawned worker can import it): 'big' fills nbytes, 'none' allocates nothing."""
     x = torch.ones(16)
 
@@ -58,15 +77,15 @@ def alloc_builder(nbytes: int, device: str = "cpu") -> harness.Setup:
     def none():
         return x.add_(1)
 
-    return harness.Setup({"big": big, "none": none})
+    return Setup({"big": big, "none": none})
 
 
 def test_memory_meter_measures_peak_rss_in_a_worker():
     nbytes = 64 * 1024 * 1024
-    case = harness.Case(op="t", group="g", name="alloc", mode="fwd", builder=alloc_builder,
+    case = Case(op="t", group="g", name="alloc", mode="fwd", builder=alloc_builder,
                         params={"nbytes": nbytes}, baseline="big", peers=("none",),
                         warm_params={"nbytes": 1024})
-    meter = harness.MemoryMeter("cpu")
+    meter = memory.MemoryMeter("cpu")
     try:
         mem = meter.measure(case, None)
     finally:
@@ -78,20 +97,23 @@ def test_memory_meter_measures_peak_rss_in_a_worker():
 # --------------------------------------------------------------------------- CLI and conv cases
 
 def test_parse_args_defaults():
-    a = harness.parse_args([])
+    a = cli.parse_args([])
     assert (a.size, a.device, a.dtype, a.reps, a.ops) == ("full", "cpu", "float32", 5, [])
-    q = harness.parse_args(["conv", "--quick", "--dtype", "bf16"])
+    q = cli.parse_args(["conv", "--quick", "--dtype", "bf16"])
     assert (q.size, q.dtype, q.reps, q.ops) == ("quick", "bfloat16", 3, ["conv"])
-    assert "conv" in harness.OPS
+    assert "conv" in cli.OPS
+    # the names scripts and older callers import from accel.bench.harness
+    assert harness.OPS is cli.OPS and harness.parse_args is cli.parse_args and harness.main is cli.main
+    assert harness.time_interleaved is timing.time_interleaved
     with pytest.raises(SystemExit):
-        harness.collect_cases(harness.parse_args(["no-such-op"]))
+        cli.collect_cases(cli.parse_args(["no-such-op"]))
 
 
 @needs_ext
 def test_conv_cases_cover_the_brief():
     from accel.bench import conv
 
-    full = conv.cases(harness.parse_args([]))
+    full = conv.cases(cli.parse_args([]))
     groups = {c.group for c in full}
     assert len(groups) == 3
     dw = [c for c in full if c.group.startswith("depthwise")]
@@ -106,7 +128,7 @@ def test_conv_cases_cover_the_brief():
 @needs_ext
 def test_cli_tiny_conv_run(tmp_path, capsys):
     out, png = tmp_path / "r.json", tmp_path / "r.png"
-    rc = harness.main(["conv", "--size", "tiny", "--no-mem", "--reps", "1", "--budget", "0",
+    rc = cli.main(["conv", "--size", "tiny", "--no-mem", "--reps", "1", "--budget", "0",
                        "--json", str(out), "--plot", str(png)])
     text = capsys.readouterr().out
     assert rc == 0, text
@@ -129,7 +151,7 @@ def test_cli_tiny_conv_run(tmp_path, capsys):
 def test_attention_cases_cover_the_brief():
     from accel.bench import attention
 
-    full = attention.cases(harness.parse_args(["attention"]))
+    full = attention.cases(cli.parse_args(["attention"]))
     speed = [c for c in full if "vs SDPA" in c.group]
     assert {c.params["L"] for c in speed} == {2048, 8192}
     assert all((c.params["B"], c.params["H"], c.params["D"]) == (1, 8, 64) for c in speed)
@@ -138,7 +160,7 @@ def test_attention_cases_cover_the_brief():
     assert all("eager sigmoid" in c.peers for c in speed if c.params["L"] == 2048)
     mem = [c for c in full if "memory" in c.group]
     assert len(mem) == 1 and mem[0].params["L"] == 16384 and "eager sigmoid (in-place)" in mem[0].peers
-    gpu = attention.cases(harness.parse_args(["attention", "--device", "cuda", "--dtype", "bf16"]))
+    gpu = attention.cases(cli.parse_args(["attention", "--device", "cuda", "--dtype", "bf16"]))
     assert {c.params["D"] for c in gpu} == {64, 128}
     assert {c.params["L"] for c in gpu if "vs SDPA" in c.group} == {1024, 4096, 16384}
 
@@ -146,7 +168,7 @@ def test_attention_cases_cover_the_brief():
 @needs_ext
 def test_cli_tiny_attention_run(tmp_path, capsys):
     out = tmp_path / "a.json"
-    rc = harness.main(["attention", "--size", "tiny", "--no-mem", "--reps", "1", "--budget", "0", "--json", str(out)])
+    rc = cli.main(["attention", "--size", "tiny", "--no-mem", "--reps", "1", "--budget", "0", "--json", str(out)])
     text = capsys.readouterr().out
     assert rc == 0, text
     res = json.loads(out.read_text())["results"]
@@ -162,8 +184,8 @@ def test_moe_cases_cover_the_brief():
 
     if not moe.have_transformers():
         pytest.skip("the moe benchmark's peers are transformers' experts implementations")
-    assert harness.OPS["moe"] == "accel.bench.moe"
-    full = moe.cases(harness.parse_args(["moe"]))
+    assert cli.OPS["moe"] == "accel.bench.moe"
+    full = moe.cases(cli.parse_args(["moe"]))
     assert all((c.params["H"], c.params["I"], c.params["E"], c.params["k"]) == (1024, 2816, 8, 2) for c in full)
     assert all(c.params["dtype"] == "float32" and c.params["device"] == "cpu" for c in full)
     for mode in ("fwd", "fwd+bwd"):
@@ -177,24 +199,24 @@ def test_moe_cases_cover_the_brief():
     for c in full:
         if c.mode == "fwd":
             n = moe.routed_experts(c.params["T"], 1024, 8, 2)
-            assert c.bw_ref == harness.READ_BW and c.bw_bytes == n * 3 * 2816 * 1024 * 4
+            assert c.bw_ref == READ_BW and c.bw_bytes == n * 3 * 2816 * 1024 * 4
         else:
             assert c.bw_bytes is None
-    bf16 = moe.cases(harness.parse_args(["moe", "--dtype", "bf16"]))
+    bf16 = moe.cases(cli.parse_args(["moe", "--dtype", "bf16"]))
     assert [c.params["T"] for c in bf16 if c.mode == "fwd"] == [1, 4, 64, 512, 2048]
     assert all(c.params["dtype"] == "bfloat16" for c in bf16)
-    quick = moe.cases(harness.parse_args(["moe", "--quick"]))
+    quick = moe.cases(cli.parse_args(["moe", "--quick"]))
     assert {c.params["T"] for c in quick} <= {1, 64, 512}
-    gpu = moe.cases(harness.parse_args(["moe", "--device", "cuda", "--dtype", "bf16"]))
+    gpu = moe.cases(cli.parse_args(["moe", "--device", "cuda", "--dtype", "bf16"]))
     assert {1, 8, 64, 512, 2048, 8192} <= {c.params["T"] for c in gpu}
     assert all("batched_mm" not in c.peers for c in gpu if c.params["T"] >= 8192)
 
 
 def test_read_bandwidth_is_measured_once():
-    rb = harness.read_bandwidth("cpu")
+    rb = timing.read_bandwidth("cpu")
     assert rb["GBps"] > 0.1 and "sum" in rb["method"]
     assert set(rb["by_method_GBps"]) == {"sum", "amax_rows", "bf16_sum_rows"}
-    assert harness.read_bandwidth("cpu") is rb
+    assert timing.read_bandwidth("cpu") is rb
 
 
 @needs_ext
@@ -204,7 +226,7 @@ def test_cli_tiny_moe_run(tmp_path, capsys):
     if not moe.have_transformers():
         pytest.skip("the moe benchmark's peers are transformers' experts implementations")
     out = tmp_path / "m.json"
-    rc = harness.main(["moe", "--size", "tiny", "--no-mem", "--reps", "1", "--budget", "0", "--json", str(out)])
+    rc = cli.main(["moe", "--size", "tiny", "--no-mem", "--reps", "1", "--budget", "0", "--json", str(out)])
     text = capsys.readouterr().out
     assert rc == 0, text
     assert "read bandwidth" in text and "% read" in text

@@ -1,6 +1,6 @@
 import sys
 
-from accel.bench.harness import main
+from accel.bench.cli import main
 
 if __name__ == "__main__":
     sys.exit(main())

@@ -24,7 +24,7 @@ import torch
 import torch.nn.functional as F
 
 import accel.ops as ops
-from accel.bench.harness import Case, Setup, backward_setup, no_grad_setup
+from accel.bench.case import Case, Setup, backward_setup, no_grad_setup
 
 # (B, H, D, lengths) per preset and device
 CPU_SHAPES = {"full": (1, 8, (64,), (2048, 8192)), "quick": (1, 8, (64,), (1024,)), "tiny": (1, 2, (32,), (128,))}
@@ -90,8 +90,6 @@ def build_attention(*, B: int, H: int, L: int, D: int, causal: bool, mode: str, 
     if mode == "fwd":
         return no_grad_setup(fns)
 
-    for t in (q, k, v):
-        t.requires_grad_(True)
     gy = torch.randn(B, H, L, D, generator=g).to(device=device, dtype=dt)
     return backward_setup(fns, (q, k, v), gy)
 

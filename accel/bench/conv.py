@@ -23,7 +23,7 @@ import torch.nn.functional as F
 from torch import nn
 
 import accel.ops as ops
-from accel.bench.harness import Case, Setup, backward_setup, no_grad_setup
+from accel.bench.case import Case, Setup, backward_setup, element_size, tolerance
 from accel.nn import TCN
 
 KS = {"full": (3, 5, 7), "quick": (3, 7), "tiny": (3,)}
@@ -42,18 +42,6 @@ TCN_C = {"full": 256, "quick": 32, "tiny": 4}
 TCN_L = {"full": (16384, 32768, 65536, 131072), "quick": (4096,), "tiny": (256,)}
 
 WARM = {"C": 8, "L": 512}  # small instance that warms up the memory worker
-
-
-def _tol(dtype: str, mode: str) -> float:
-    if dtype in ("bfloat16", "float16"):
-        return 3e-2
-    if dtype == "float64":
-        return 1e-10
-    return 1e-4 if mode == "fwd" else 1e-3
-
-
-def _elem(dtype: str) -> int:
-    return torch.empty((), dtype=getattr(torch, dtype)).element_size()
 
 
 # --------------------------------------------------------------------------- builders
@@ -90,7 +78,6 @@ def build_conv(*, B: int, C: int, L: int, K: int, d: int, groups: int, mode: str
         impls["copy_"] = lambda: out.copy_(x)
         return Setup(impls)
 
-    x.requires_grad_(True)
     gy = torch.randn(B, C, L, generator=g).to(device=device, dtype=dt)
     impls = {"accel": accel_fwd, "nn.Conv1d": peer_fwd}
     if extra_peers:
@@ -160,13 +147,13 @@ def _conv_case(group, C, L, K, d, groups, mode, args, *, bandwidth: bool, note: 
                   extra_peers=bool(getattr(args, "extra_peers", False)))
     warm = dict(params, C=min(C, WARM["C"]), L=min(L, WARM["L"]), groups=min(C, WARM["C"]) if groups == C else 1)
     peers = ("nn.Conv1d", "F.pad+conv1d") if params["extra_peers"] else ("nn.Conv1d",)
-    nbytes = C * L * _elem(args.dtype)
+    nbytes = C * L * element_size(args.dtype)
     depthwise = groups == C
     name = f"C{C} L{L} K{K} d{d}" + ("" if depthwise else " dense")
     bw = bandwidth and depthwise and mode == "fwd"
     return Case(
         op="conv", group=group, name=name, mode=mode, builder=build_conv, params=params, baseline="accel",
-        peers=peers, aux=("copy_",) if mode == "fwd" else (), check=peers, tol=_tol(args.dtype, mode),
+        peers=peers, aux=("copy_",) if mode == "fwd" else (), check=peers, tol=tolerance(args.dtype, mode),
         bw_bytes=2 * nbytes if bw else None, bw_ref="copy_" if bw else None,
         bw_ref_bytes=2 * nbytes if bw else None, warm_params=warm, note=note,
     )

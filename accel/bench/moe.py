@@ -19,17 +19,17 @@ Bandwidth: decode is bound by reading the routed experts' weights. Forward cases
 GB/s over the bytes of the distinct experts the ids route to (``3 I H`` elements each) as a
 fraction of the machine's read bandwidth: that of a read-only reduction over as many bytes, timed in
 the same rounds (median against median; against its fastest round too), and, for reference, the
-once-per-run measurement over 512 MiB (:func:`harness.read_bandwidth`), which this VM's drift can
-leave far from the case's conditions.
+once-per-run measurement over 512 MiB (:func:`accel.bench.timing.read_bandwidth`), which drift in
+the machine's bandwidth can leave far from the case's conditions.
 So that a call does not find its weights in the last-level cache where the previous call (of any
 implementation) left them, forward cases whose routed weights are small cycle through a few
 copies of the expert weights, one per call, as successive layers of a model would: independent
 random draws (every implementation's first call, whose output the check compares, runs on the
 first copy).
 
-batched_mm gathers a ``(2I x H)`` and an ``(H x I)`` weight copy per (token, slot) (23 GB at T 512
-in fp32): it is skipped, with a note, where its estimated memory exceeds a cap (CPU: min(8 GiB, a
-third of RAM); CUDA: a third of the device memory), and in the quick preset beyond a few pairs.
+batched_mm gathers a ``(2I x H)`` and an ``(H x I)`` weight copy per (token, slot) (tens of GB at
+T 512 in fp32): it is skipped, with a note, where its estimated memory exceeds a cap (CPU: min(8 GiB,
+a third of RAM); CUDA: a third of the device memory), and in the quick preset beyond a few pairs.
 """
 from __future__ import annotations
 
@@ -40,7 +40,8 @@ from typing import Dict, List, Tuple
 import torch
 from torch import nn
 
-from accel.bench.harness import READ_BW, Case, Setup, backward_setup, mem_total_bytes, no_grad_setup
+from accel.bench.case import READ_BW, Case, Setup, backward_setup, element_size, no_grad_setup, tolerance
+from accel.bench.memory import mem_total_bytes
 
 GiB = 1024 ** 3
 
@@ -58,18 +59,7 @@ COLD_BYTES = {"cpu": 256 * 1024 ** 2, "cuda": 512 * 1024 ** 2}
 MAX_COPIES = 8
 READ_ROW = 16384  # floats per row of the read yardstick's row-wise amax
 COPIES_MEMORY = {"cpu": 2 * GiB, "cuda": 8 * GiB}  # at most this much memory in weight copies
-
-
-def _elem(dtype: str) -> int:
-    return torch.empty((), dtype=getattr(torch, dtype)).element_size()
-
-
-def _tol(dtype: str, mode: str) -> float:
-    if dtype in ("bfloat16", "float16"):
-        return 5e-2  # eager rounds every intermediate (and its index_add_ accumulation) to bf16
-    if dtype == "float64":
-        return 1e-10
-    return 1e-4 if mode == "fwd" else 1e-3
+LOW_PRECISION_TOL = 5e-2  # eager rounds every intermediate (and its index_add_ accumulation) to bf16
 
 
 def have_transformers() -> bool:
@@ -167,9 +157,8 @@ def build_moe(*, T: int, H: int, I: int, E: int, k: int, mode: str, device: str,
                 (torch.randn(E, H, I, generator=g, device=device) / math.sqrt(I)).to(dt))
 
     # the copies are independent draws, as a model's successive layers are: every call reads weights
-    # no recent call has read. Copies of the same values (clones) can read slower: on this project's
-    # VM 7-15% slower (changing one element per 4 KiB page of each clone removed most of it, which
-    # points at identical pages being shared below the guest), which a model's layers would not see.
+    # no recent call has read. Clones (copies of the same values) are avoided: identical pages can be
+    # shared below a virtual machine and read slower, which a model's layers would not see.
     layers = [tuple(nn.Parameter(t, requires_grad=grad) for t in draw()) for _ in range(copies)]
     mods: Dict[str, list] = {}
     for p in peers:
@@ -224,8 +213,6 @@ def build_moe(*, T: int, H: int, I: int, E: int, k: int, mode: str, device: str,
             fns[READ_BW] = read_fn
         return no_grad_setup(fns)
 
-    x.requires_grad_(True)
-    w.requires_grad_(True)
     a, b = layers[0]
     leaves = (x, a, b, w)
     gy = torch.randn(T, H, generator=torch.Generator().manual_seed(seed + 2)).to(device=device, dtype=dt)
@@ -239,7 +226,7 @@ def cases(args) -> List[Case]:
     cuda = device.startswith("cuda")
     H, I, E, k = SHAPES[size]
     Ts = (GPU_T if cuda else CPU_T)[size]
-    elem = _elem(dtype)
+    elem = element_size(dtype)
     expert_bytes = 3 * I * H * elem
     cap = memory_cap(device)
     tf = have_transformers()
@@ -282,7 +269,7 @@ def cases(args) -> List[Case]:
             check = ("eager",) if "eager" in peers else ((FALLBACK_PEER,) if FALLBACK_PEER in peers else ())
             out.append(Case(
                 op="moe", group=group, name=f"T{T} ({n}/{E} experts)", mode=mode, builder=build_moe,
-                params=params, peers=tuple(peers), check=check, tol=_tol(dtype, mode),
+                params=params, peers=tuple(peers), check=check, tol=tolerance(dtype, mode, low_precision=LOW_PRECISION_TOL),
                 aux=(READ_BW,) if rbytes else (), bw_bytes=n * expert_bytes if mode == "fwd" else None,
                 bw_ref=READ_BW if mode == "fwd" else None, bw_ref_bytes=rbytes or None,
                 warm_params=dict(params, T=min(T, 4), copies=1, read_bytes=0),
