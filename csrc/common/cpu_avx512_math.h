@@ -13,8 +13,10 @@ namespace accel::cpu {
 constexpr float kExp2Unit[6] = {0.9999999403953552f, 0.6931530833244324f, 0.24015361070632935f,
                                 0.05582631751894951f, 0.008989340625703335f, 0.0018775766948238015f};
 
-// GCC 12 flags the _mm512_undefined_ps() pass-through inside its own unmasked intrinsics
+// GCC 12 flags the _mm512_undefined_*() pass-through of its own unmasked AVX-512 intrinsics as
+// uninitialised once they are inlined here
 #pragma GCC diagnostic push
+#pragma GCC diagnostic ignored "-Wuninitialized"
 #pragma GCC diagnostic ignored "-Wmaybe-uninitialized"
 
 // 2^t for finite t: f = t - floor(t) in one instruction, and vscalefps multiplies by 2^floor(t)

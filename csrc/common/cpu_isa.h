@@ -1,10 +1,10 @@
 // Run-time CPU feature checks for kernels that carry an AVX-512 variant next to the baseline
 // (AVX2) build: such functions are compiled with ACCEL_AVX512_TARGET and called only when
-// cpu_has_avx512() says so. ACCEL_CPU_ISA=avx2 forces the baseline path (for tests and timing).
+// cpu_has_avx512() says so. ACCEL_CPU_ISA=avx2 forces the baseline path (for tests and timing;
+// see common/test_hooks.h).
 #pragma once
 
-#include <cstdlib>
-#include <string>
+#include "common/test_hooks.h"
 
 #if defined(__x86_64__) && (defined(__GNUC__) || defined(__clang__))
 #include <cpuid.h>
@@ -18,8 +18,7 @@ namespace accel::cpu {
 inline bool cpu_has_avx512() {
 #ifdef ACCEL_HAVE_AVX512_TARGET
   static const bool yes = [] {
-    const char* isa = std::getenv("ACCEL_CPU_ISA");
-    if (isa && std::string(isa) == "avx2") return false;
+    if (test_hooks::cpu_isa() == "avx2") return false;
     __builtin_cpu_init();
     return __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512dq") &&
            __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("avx512bw");
@@ -48,8 +47,7 @@ inline bool cpuid7_bit(unsigned sub, int reg, int bit) {
 inline bool cpu_has_avx512_bf16() {
   static const bool yes = [] {
     if (!cpu_has_avx512()) return false;
-    const char* isa = std::getenv("ACCEL_CPU_ISA");
-    if (isa && std::string(isa) == "avx512") return false;
+    if (test_hooks::cpu_isa() == "avx512") return false;
     return cpuid7_bit(1, 0, 5);
   }();
   return yes;

@@ -10,8 +10,7 @@ namespace accel {
 // An empty CPU tensor for an output that the kernel writes in full.
 //
 // A fresh multi-MB CPU tensor is a fresh mmap, and first-touch page faults cost more than a
-// streaming kernel's own work (measured here: ~45 ms to fault in 128 MiB with 4 KiB pages, ~10 ms
-// to write it once resident). Buffers from 8 MiB up therefore come from a small cache of
+// streaming kernel's own work (several times the cost of writing the memory once resident). Buffers from 8 MiB up therefore come from a small cache of
 // 2 MiB-aligned blocks advised for transparent huge pages: a block freed by one tensor is reused
 // by the next output of the same size, as the CUDA caching allocator does on the GPU. The cache
 // holds at most ACCEL_CPU_CACHE_MB of free blocks (default: a quarter of physical memory, at most

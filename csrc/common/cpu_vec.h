@@ -73,8 +73,8 @@ inline Vectorized<T> exp_fast(const Vectorized<T>& x) {
 }
 
 // erf for the activation epilogues. fp32: Abramowitz & Stegun 7.1.26 (|error| <= 1.5e-7) with
-// ATen's inline exp_u20, about 3x cheaper than Vectorized<float>::erf (which calls Sleef's expf
-// out of line); the input is clamped to |x| <= 4, where erf is 1 in fp32. Other types: ATen's.
+// ATen's inline exp_u20, cheaper than Vectorized<float>::erf (which calls Sleef's expf out of
+// line); the input is clamped to |x| <= 4, where erf is 1 in fp32. Other types: ATen's.
 template <typename T>
 inline Vectorized<T> erf_vec(const Vectorized<T>& x) {
   if constexpr (std::is_same_v<T, float>) {

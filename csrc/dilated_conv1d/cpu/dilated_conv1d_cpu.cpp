@@ -1,6 +1,6 @@
 // CPU kernels for accel::dilated_conv1d and its backward.
 //
-// Work is split into (batch, output channel, time chunk) tasks run with at::parallel_for. A
+// Work is split into (batch, output channel, time chunk) tasks (common/parallel.h). A
 // chunk of outputs is accumulated in an L1-resident fp32/fp64 buffer, four vectors at a time
 // held in registers across the K taps; each tap reads the input through a pointer into the
 // input row itself (fp32/fp64, in range) or into a small zero-padded, converted copy (borders,
@@ -33,6 +33,7 @@
 #include "common/activation.h"
 #include "common/cpu_memory.h"
 #include "common/cpu_vec.h"
+#include "common/parallel.h"
 #include "dilated_conv1d/cpu/gemm_path.h"
 #include "dilated_conv1d/dilated_conv1d.h"
 
@@ -247,10 +248,10 @@ void forward_impl(const Tensor& x, const Tensor& weight, const c10::optional<Ten
 
   constexpr bool same = std::is_same_v<scalar_t, acc_t>;
   const bool stream = out.nbytes() > kStreamBytes;
-  at::parallel_for(0, tasks, 1, [&](int64_t begin, int64_t end) {
+  parallel_task_workers(tasks, [&](TaskCursor& next) {
     TapReader<scalar_t, acc_t> reader(K, chunk, d);
     std::vector<acc_t> acc(chunk), res_buf(rp ? chunk : 0);
-    for (int64_t task = begin; task < end; ++task) {
+    for (int64_t task = next.next(); task >= 0; task = next.next()) {
       const int64_t c = task % n_chunks;
       const int64_t co = (task / n_chunks) % g.c_out;
       const int64_t bi = task / (n_chunks * g.c_out);
@@ -328,11 +329,11 @@ void backward_depthwise(const Tensor& grad, const Tensor& x, const Tensor& weigh
   constexpr bool same = std::is_same_v<scalar_t, acc_t>;
   const bool stream = need_x && grad_x.nbytes() > kStreamBytes;
 
-  at::parallel_for(0, C * n_split, 1, [&](int64_t begin, int64_t end) {
+  parallel_task_workers(C * n_split, [&](TaskCursor& next) {
     TapReader<scalar_t, acc_t> x_reader(K, chunk, d);
     TapReader<acc_t, acc_t> dz_reader(K, chunk, d);
     std::vector<acc_t> dz_buf(Lout), x_buf(same ? 0 : L), out_buf(chunk), w_flip(K);
-    for (int64_t task = begin; task < end; ++task) {
+    for (int64_t task = next.next(); task >= 0; task = next.next()) {
       const int64_t c = task % C;
       const int64_t s = task / C;
       const int64_t b_lo = B * s / n_split, b_hi = B * (s + 1) / n_split;
@@ -418,10 +419,10 @@ void weight_grad_grouped(const Tensor& dz, const Tensor& x, const Geometry& g, T
   acc_t* dwp = grad_w_partial.mutable_data_ptr<acc_t>();  // (n_split, C_out, C_in_g, K)
   acc_t* dbp = grad_b_partial.mutable_data_ptr<acc_t>();  // (n_split, C_out)
 
-  at::parallel_for(0, g.c_out * n_split, 1, [&](int64_t begin, int64_t end) {
+  parallel_task_workers(g.c_out * n_split, [&](TaskCursor& next) {
     TapReader<scalar_t, acc_t> reader(K, chunk, d);
     std::vector<acc_t> dz_buf(chunk);
-    for (int64_t task = begin; task < end; ++task) {
+    for (int64_t task = next.next(); task >= 0; task = next.next()) {
       const int64_t co = task % g.c_out;
       const int64_t s = task / g.c_out;
       const int64_t grp = co / g.c_out_per_group;

@@ -19,6 +19,7 @@
 #include <vector>
 
 #include "common/cpu_vec.h"
+#include "common/parallel.h"
 
 namespace accel::dilated_conv1d::cpu {
 namespace {
@@ -60,9 +61,9 @@ void forward_gemm_impl(const Tensor& x, const Tensor& weight, const c10::optiona
   const int64_t CK = g.c_in_per_group * g.kernel, Lout = g.out_length;
   const int64_t n_tiles = (Lout + kTile - 1) / kTile;
 
-  at::parallel_for(0, g.batch * g.groups * n_tiles, 1, [&](int64_t begin, int64_t end) {
+  parallel_task_workers(g.batch * g.groups * n_tiles, [&](TaskCursor& next) {
     std::vector<float> col(CK * kTile), acc(kRows * kTile), res_buf(kTile);
-    for (int64_t task = begin; task < end; ++task) {
+    for (int64_t task = next.next(); task >= 0; task = next.next()) {
       const int64_t tile = task % n_tiles;
       const int64_t grp = (task / n_tiles) % g.groups;
       const int64_t bi = task / (n_tiles * g.groups);
@@ -102,9 +103,9 @@ void weight_grad_gemm_impl(const Tensor& dz, const Tensor& x, const Geometry& g,
   float* dwp = dw_part.mutable_data_ptr<float>();
   float* dbp = db_part.mutable_data_ptr<float>();
 
-  at::parallel_for(0, g.groups * n_split, 1, [&](int64_t begin, int64_t end) {
+  parallel_task_workers(g.groups * n_split, [&](TaskCursor& next) {
     std::vector<float> col(CK * kTile), col_t(kTile * CK), dz_tile(Cg * kTile);
-    for (int64_t task = begin; task < end; ++task) {
+    for (int64_t task = next.next(); task >= 0; task = next.next()) {
       const int64_t grp = task % g.groups, s = task / g.groups;
       float* dw = dwp + (s * g.c_out + grp * Cg) * CK;
       float* db = dbp + s * g.c_out + grp * Cg;

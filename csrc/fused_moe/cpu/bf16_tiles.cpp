@@ -43,6 +43,11 @@ void pack_panel(const c10::BFloat16* const* rows, int64_t count, int64_t width, 
 
 #if defined(ACCEL_HAVE_AVX512_TARGET)
 namespace {
+// GCC 12 flags the _mm512_undefined_*() pass-through of its own unmasked AVX-512 intrinsics as
+// uninitialised once they are inlined here
+#pragma GCC diagnostic push
+#pragma GCC diagnostic ignored "-Wuninitialized"
+#pragma GCC diagnostic ignored "-Wmaybe-uninitialized"
 // 16 tokens of a feature pair: (bf16(lo[t]), bf16(hi[t])) as one 32-bit word each, rounded to
 // nearest even as c10::BFloat16 rounds
 ACCEL_AVX512BF16_TARGET inline __m512i pair_words(__m512 lo, __m512 hi) {
@@ -56,6 +61,7 @@ ACCEL_AVX512BF16_TARGET inline void pair16(const float* lo, const float* hi, uin
   const __m512 h = hi ? _mm512_maskz_loadu_ps(ld, hi) : _mm512_setzero_ps();
   _mm512_mask_storeu_epi32(out, st, pair_words(_mm512_maskz_loadu_ps(ld, lo), h));
 }
+#pragma GCC diagnostic pop
 }  // namespace
 #endif
 
@@ -85,8 +91,10 @@ void pack_feature_pair(const float* src0, const float* src1, int64_t n, int64_t 
 #if defined(ACCEL_HAVE_AVX512_TARGET)
 namespace {
 
-// GCC 12 flags the _mm512_undefined_*() pass-through inside its own unmasked intrinsics
+// GCC 12 flags the _mm512_undefined_*() pass-through of its own unmasked AVX-512 intrinsics as
+// uninitialised once they are inlined here
 #pragma GCC diagnostic push
+#pragma GCC diagnostic ignored "-Wuninitialized"
 #pragma GCC diagnostic ignored "-Wmaybe-uninitialized"
 
 // A panel of width 8 W8 tokens runs as NV = W8 / 2 zmm vectors of 16 tokens and, for odd W8, one ymm

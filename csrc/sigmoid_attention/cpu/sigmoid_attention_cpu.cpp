@@ -33,7 +33,7 @@
 
 #include "common/cpu_avx512_math.h"
 #include "common/cpu_isa.h"
-#include "common/env.h"
+#include "common/parallel.h"
 #include "sigmoid_attention/sigmoid_attention.h"
 
 namespace accel::sigmoid_attention {
@@ -66,18 +66,13 @@ inline void gemm_release(double*) {}
 
 // ------------------------------------------------------------------ tile sizes
 
-struct Tiles {
-  int64_t fwd_q, fwd_k, bwd_q, bwd_k;
-};
-
-const Tiles& tiles() {
-  // Forward 128 x 128: on an AVX2-only machine 64 x 256 lost about 15% of its GEMM rate at
-  // L 8192 (K and V of a head no longer in L2, each 64-row block streaming them again); 128-row
-  // blocks halve that traffic and 128-key tiles keep the S tile at 64 KB.
-  static const Tiles t{env_int("ACCEL_SIGATTN_FWD_BQ", 128), env_int("ACCEL_SIGATTN_FWD_BK", 128),
-                       env_int("ACCEL_SIGATTN_BWD_BQ", 128), env_int("ACCEL_SIGATTN_BWD_BK", 128)};
-  return t;
-}
+// Query rows x keys per tile. Forward 128 x 128: at long sequences K and V of a head no longer
+// fit in L2 and every query block streams them again, so 128-row blocks (rather than 64) halve
+// that traffic, and 128-key tiles keep the S tile at 64 KB.
+constexpr int64_t kFwdBQ = 128, kFwdBK = 128;
+constexpr int64_t kBwdBQ = 128, kBwdBK = 128;
+// Forward query blocks per task, at most (see forward_kernel).
+constexpr int64_t kFwdMaxGroup = 4;
 
 // ------------------------------------------------------------------ per-sequence geometry
 struct Seq {
@@ -137,7 +132,7 @@ struct View {
 
 // Transposed copies in tile-major order: tile t of head h is a contiguous (D, T) block at
 // data + (h * tiles + t) * D * T, so a GEMM operand walks a dense 32-64 KB block instead of rows
-// a whole sequence apart (that stride cost the QK^T GEMM a fifth of its speed). Batch b's
+// a whole sequence apart (a stride the QK^T GEMM runs markedly slower on). Batch b's
 // sequence starts at tile first[b]; rows past its length are zero.
 template <typename T>
 struct Packed {
@@ -164,22 +159,20 @@ Packed<T> pack_transposed(const Problem& p, const src_t* base, std::array<int64_
   pk.storage = at::empty({std::max<int64_t>(1, heads * pk.tiles * pk.D * tile)}, opt);
   T* out = pk.storage.template data_ptr<T>();
   const int64_t D = pk.D;
-  at::parallel_for(0, heads * pk.tiles, 1, [&](int64_t begin, int64_t end) {
-    for (int64_t w = begin; w < end; ++w) {
-      const int64_t h = w / pk.tiles, gt = w % pk.tiles;
-      const int64_t b = std::upper_bound(pk.first.begin(), pk.first.end(), gt) - pk.first.begin() - 1;
-      const int64_t t = gt - pk.first[b];
-      const Seq s = seq_of(p, b);
-      const int64_t len = keys ? s.len_k : s.len_q, r0 = t * tile, rows = std::min(tile, len - r0);
-      const int64_t row0 = keys ? s.k_row0 : s.q_row0;
-      T* dst = out + w * D * tile;
-      for (int64_t r = 0; r < rows; ++r) {
-        const src_t* src = base + b * st[0] + h * st[1] + (row0 + r0 + r) * st[2];
-        for (int64_t d = 0; d < D; ++d) dst[d * tile + r] = static_cast<T>(src[d]);
-      }
-      if (rows < tile)
-        for (int64_t d = 0; d < D; ++d) std::fill(dst + d * tile + rows, dst + (d + 1) * tile, T(0));
+  cpu::parallel_tasks(heads * pk.tiles, [&](int64_t w, int64_t) {
+    const int64_t h = w / pk.tiles, gt = w % pk.tiles;
+    const int64_t b = std::upper_bound(pk.first.begin(), pk.first.end(), gt) - pk.first.begin() - 1;
+    const int64_t t = gt - pk.first[b];
+    const Seq s = seq_of(p, b);
+    const int64_t len = keys ? s.len_k : s.len_q, r0 = t * tile, rows = std::min(tile, len - r0);
+    const int64_t row0 = keys ? s.k_row0 : s.q_row0;
+    T* dst = out + w * D * tile;
+    for (int64_t r = 0; r < rows; ++r) {
+      const src_t* src = base + b * st[0] + h * st[1] + (row0 + r0 + r) * st[2];
+      for (int64_t d = 0; d < D; ++d) dst[d * tile + r] = static_cast<T>(src[d]);
     }
+    if (rows < tile)
+      for (int64_t d = 0; d < D; ++d) std::fill(dst + d * tile + rows, dst + (d + 1) * tile, T(0));
   });
   return pk;
 }
@@ -212,11 +205,12 @@ inline __m256 sigmoid_of_t(__m256 t) {
 #endif
 
 #if defined(__x86_64__) && (defined(__GNUC__) || defined(__clang__))
-#define ACCEL_SIGMOID_AVX512 1
 // The same row map with AVX-512 (compiled for that target only, chosen at run time): 16 lanes,
 // vscalefps for 2^n (no lower clamp needed), rcp14 + one Newton step, masked tails.
-// GCC 12 flags the _mm512_undefined_ps() pass-through inside its own unmasked intrinsics
+// GCC 12 flags the _mm512_undefined_*() pass-through of its own unmasked AVX-512 intrinsics as
+// uninitialised once they are inlined here
 #pragma GCC diagnostic push
+#pragma GCC diagnostic ignored "-Wuninitialized"
 #pragma GCC diagnostic ignored "-Wmaybe-uninitialized"
 
 ACCEL_AVX512_TARGET inline void sigmoid16_avx512(float* p, __mmask16 m, __m512 va, __m512 vc, __m512 val,
@@ -267,7 +261,7 @@ inline void sigmoid_row(float* s, int64_t n, int64_t c0, int64_t c1, float scale
   std::fill(s + std::max(c0, c1), s + n, 0.f);
   const float a = -scale * kLog2e, c = -bias * kLog2e, al = slope * kLog2e;
   int64_t col = c0;
-#ifdef ACCEL_SIGMOID_AVX512
+#ifdef ACCEL_HAVE_AVX512_TARGET
   if (use_avx512()) {
     if (c0 < c1) sigmoid_row_avx512(s, c0, c1, a, c, al, dpos);
     return;
@@ -350,17 +344,16 @@ inline void sigmoid_grad_row(double* s, double* g, int64_t n, int64_t c0, int64_
 template <typename T, typename out_t>
 void forward_kernel(const Problem& p, const View<T>& q, const Packed<T>& kt, const View<T>& v, out_t* out) {
   const int64_t D = p.head_dim, G = p.heads_q / p.heads_kv;
-  const int64_t BQ = tiles().fwd_q, BK = kt.T_;
+  const int64_t BQ = kFwdBQ, BK = kt.T_;
   const int64_t nqb = (p.max_len_q + BQ - 1) / BQ;
-  // blocks per task: up to ACCEL_SIGATTN_FWD_GROUP (4), while there are at least 4 tasks per thread
-  static const int64_t max_group = std::max<int64_t>(1, env_int("ACCEL_SIGATTN_FWD_GROUP", 4));
+  // blocks per task: up to kFwdMaxGroup, while there are at least 4 tasks per thread
   const int64_t group =
-      std::clamp<int64_t>(p.batch * p.heads_q * nqb / (4 * at::get_num_threads()), 1, max_group);
+      std::clamp<int64_t>(p.batch * p.heads_q * nqb / (4 * at::get_num_threads()), 1, kFwdMaxGroup);
   const int64_t ngroups = (nqb + group - 1) / group;
   const int64_t tasks = p.batch * p.heads_q * ngroups;
-  at::parallel_for(0, tasks, 1, [&](int64_t begin, int64_t end) {
+  cpu::parallel_task_workers(tasks, [&](cpu::TaskCursor& next) {
     std::vector<T> s_buf(BQ * BK), acc(group * BQ * D);
-    for (int64_t t = begin; t < end; ++t) {
+    for (int64_t t = next.next(); t >= 0; t = next.next()) {
       const int64_t qg = t % ngroups, h = (t / ngroups) % p.heads_q, b = t / (ngroups * p.heads_q);
       const Seq s = seq_of(p, b);
       const int64_t g0 = qg * group * BQ;  // first query row of the task
@@ -436,13 +429,13 @@ void decode_kernel(const Problem& p, const View<src_t>& q, const View<src_t>& k,
   const int64_t nch = std::max<int64_t>(1, (p.max_len_k + CH - 1) / CH);
   const int64_t part_stride = p.batch * p.heads_kv * RM * D;  // one chunk's partial outputs
   std::vector<T> part(static_cast<size_t>(nch * part_stride), T(0));
-  at::parallel_for(0, p.batch * p.heads_kv * nch, 1, [&](int64_t begin, int64_t end) {
+  cpu::parallel_task_workers(p.batch * p.heads_kv * nch, [&](cpu::TaskCursor& next) {
     std::vector<T> qt(D * RM), st(CH * RM), sm(RM * CH), kbuf, vbuf;
     if constexpr (!std::is_same_v<src_t, T>) {
       kbuf.resize(CH * D);
       vbuf.resize(CH * D);
     }
-    for (int64_t t = begin; t < end; ++t) {
+    for (int64_t t = next.next(); t >= 0; t = next.next()) {
       const int64_t ch = t % nch, hk = (t / nch) % p.heads_kv, b = t / (nch * p.heads_kv);
       const Seq s = seq_of(p, b);
       const int64_t m = s.len_q, R = G * m;
@@ -511,9 +504,9 @@ void backward_kernel(const Problem& p, const BwdViews<T>& in, const Packed<T>& q
   const int64_t head_elems = qt.tiles * D * BQ;
   std::vector<T> dqt(static_cast<size_t>(nsplit * p.heads_q * head_elems), T(0));
 
-  at::parallel_for(0, base_tasks * nsplit, 1, [&](int64_t begin, int64_t end) {
+  cpu::parallel_task_workers(base_tasks * nsplit, [&](cpu::TaskCursor& next) {
     std::vector<T> st(BK * BQ), dpt(BK * BQ), dk_acc(BK * D), dv_acc(BK * D);
-    for (int64_t t = begin; t < end; ++t) {
+    for (int64_t t = next.next(); t >= 0; t = next.next()) {
       const int64_t split = t % nsplit, hk = (t / nsplit) % p.heads_kv, b = t / (nsplit * p.heads_kv);
       const Seq s = seq_of(p, b);
       for (int64_t kb = split; kb * BK < s.len_k; kb += nsplit) {
@@ -557,18 +550,16 @@ void backward_kernel(const Problem& p, const BwdViews<T>& in, const Packed<T>& q
   });
 
   // dq[row] = sum over splits of dQ^T[., row]
-  at::parallel_for(0, p.batch * p.heads_q, 1, [&](int64_t begin, int64_t end) {
-    for (int64_t t = begin; t < end; ++t) {
-      const int64_t h = t % p.heads_q, b = t / p.heads_q;
-      const Seq s = seq_of(p, b);
-      for (int64_t i = 0; i < s.len_q; ++i) {
-        grad_t* o = p.varlen ? dq + ((s.q_row0 + i) * p.heads_q + h) * D : dq + ((b * p.heads_q + h) * p.max_len_q + i) * D;
-        const int64_t off = (qt.first[b] + i / BQ) * D * BQ + i % BQ;
-        for (int64_t d = 0; d < D; ++d) {
-          T acc = 0;
-          for (int64_t sp = 0; sp < nsplit; ++sp) acc += dqt[(sp * p.heads_q + h) * head_elems + off + d * BQ];
-          o[d] = static_cast<grad_t>(acc);
-        }
+  cpu::parallel_tasks(p.batch * p.heads_q, [&](int64_t t, int64_t) {
+    const int64_t h = t % p.heads_q, b = t / p.heads_q;
+    const Seq s = seq_of(p, b);
+    for (int64_t i = 0; i < s.len_q; ++i) {
+      grad_t* o = p.varlen ? dq + ((s.q_row0 + i) * p.heads_q + h) * D : dq + ((b * p.heads_q + h) * p.max_len_q + i) * D;
+      const int64_t off = (qt.first[b] + i / BQ) * D * BQ + i % BQ;
+      for (int64_t d = 0; d < D; ++d) {
+        T acc = 0;
+        for (int64_t sp = 0; sp < nsplit; ++sp) acc += dqt[(sp * p.heads_q + h) * head_elems + off + d * BQ];
+        o[d] = static_cast<grad_t>(acc);
       }
     }
   });
@@ -612,7 +603,7 @@ at::Tensor fwd_cpu(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v
     }
     const auto kopt = q.options().dtype(c10::CppTypeToScalarType<T>::value);
     const Packed<T> kt = pack_transposed<scalar_t, T>(p, k.data_ptr<scalar_t>(), bhr_strides(p, k), p.heads_kv, true,
-                                                      tiles().fwd_k, kopt);
+                                                      kFwdBK, kopt);
     // low precision is widened once (O(L D)); the copies keep the inputs' strides
     at::Tensor qw = q, vw = v;
     if constexpr (!std::is_same_v<scalar_t, T>) {
@@ -642,11 +633,11 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> bwd_cpu(
     using T = kernel_t<scalar_t>;
     const auto kopt = q.options().dtype(c10::CppTypeToScalarType<T>::value);
     const Packed<T> qt = pack_transposed<scalar_t, T>(p, q.data_ptr<scalar_t>(), bhr_strides(p, q), p.heads_q, false,
-                                                      tiles().bwd_q, kopt);
+                                                      kBwdBQ, kopt);
     const Packed<T> dot = pack_transposed<scalar_t, T>(p, grad_out.data_ptr<scalar_t>(), bhr_strides(p, grad_out),
-                                                       p.heads_q, false, tiles().bwd_q, kopt);
+                                                       p.heads_q, false, kBwdBQ, kopt);
     const Packed<T> kt = pack_transposed<scalar_t, T>(p, k.data_ptr<scalar_t>(), bhr_strides(p, k), p.heads_kv, true,
-                                                      tiles().bwd_k, kopt);
+                                                      kBwdBK, kopt);
     at::Tensor qw = q, kw = k, vw = v, gw = grad_out;
     if constexpr (!std::is_same_v<scalar_t, T>) {
       qw = q.to(at::kFloat); kw = k.to(at::kFloat); vw = v.to(at::kFloat); gw = grad_out.to(at::kFloat);
