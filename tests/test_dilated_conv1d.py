@@ -210,7 +210,7 @@ def test_int_padding_longer_output():
 
 # ------------------------------------------------------------------------------- bad inputs
 
-def _bad(match, *args, exc=(RuntimeError, ValueError), **kwargs):
+def _bad(match, *args, exc=ValueError, **kwargs):
     with pytest.raises(exc, match=match):
         dilated_conv1d(*args, **kwargs)
 
@@ -222,20 +222,23 @@ def test_bad_rank():
 
 def test_bad_rank_reaches_native_check():
     # calling the registered op directly hits the TORCH_CHECKs, not only the Python wrapper's
-    with pytest.raises(RuntimeError, match="x must be 3-D"):
+    with pytest.raises(ValueError, match=r"x must be 3-D \(B, C_in, L\), got shape \[4, 10\]"):
         torch.ops.accel.dilated_conv1d(torch.randn(4, 10), torch.randn(4, 1, 3), None, None, 1, 2, 10, 4, "none")
-    with pytest.raises(RuntimeError, match="groups=3 must divide the input channels"):
+    with pytest.raises(ValueError, match="groups=3 must divide the input channels"):
         torch.ops.accel.dilated_conv1d(torch.randn(1, 4, 10), torch.randn(3, 1, 3), None, None, 1, 2, 10, 3, "none")
-    with pytest.raises(RuntimeError, match="activation must be one of"):
+    with pytest.raises(ValueError, match="activation must be one of"):
         torch.ops.accel.dilated_conv1d(torch.randn(1, 4, 10), torch.randn(4, 1, 3), None, None, 1, 2, 10, 4, "tanh")
-    with pytest.raises(RuntimeError, match="dilation must be >= 1"):
+    with pytest.raises(ValueError, match="dilation must be >= 1"):
         torch.ops.accel.dilated_conv1d(torch.randn(1, 4, 10), torch.randn(4, 1, 3), None, None, 0, 2, 10, 4, "none")
 
 
 def test_bad_dtype_mismatch():
-    _bad("dtype", torch.randn(1, 4, 10), torch.randn(4, 1, 3, dtype=torch.float64), groups=4)
-    _bad("bias has dtype", torch.randn(1, 4, 10), torch.randn(4, 1, 3), torch.randn(4, dtype=torch.float64), groups=4)
-    _bad("floating-point", torch.ones(1, 4, 10, dtype=torch.int64), torch.ones(4, 1, 3, dtype=torch.int64), groups=4)
+    _bad("weight has dtype Double but x has dtype Float", torch.randn(1, 4, 10),
+         torch.randn(4, 1, 3, dtype=torch.float64), groups=4, exc=TypeError)
+    _bad("bias has dtype", torch.randn(1, 4, 10), torch.randn(4, 1, 3), torch.randn(4, dtype=torch.float64), groups=4,
+         exc=TypeError)
+    _bad("floating-point", torch.ones(1, 4, 10, dtype=torch.int64), torch.ones(4, 1, 3, dtype=torch.int64), groups=4,
+         exc=TypeError)
 
 
 def test_bad_device_mismatch():
@@ -248,11 +251,13 @@ def test_bad_groups():
     _bad("groups=3 must divide the input channels", torch.randn(1, 4, 10), torch.randn(3, 1, 3), groups=3)
     _bad("groups=2 must divide the output channels", torch.randn(1, 4, 10), torch.randn(3, 2, 3), groups=2)
     _bad(r"= \(4, 2, K\), got \[4, 1, 3\]", torch.randn(1, 4, 10), torch.randn(4, 1, 3), groups=2)
-    _bad("groups must be an int >= 1", torch.randn(1, 4, 10), torch.randn(4, 1, 3), groups=0)
+    _bad("groups must be >= 1, got 0", torch.randn(1, 4, 10), torch.randn(4, 1, 3), groups=0)
 
 
 def test_bad_dilation():
-    _bad("dilation must be an int >= 1", torch.randn(1, 4, 10), torch.randn(4, 1, 3), dilation=0, groups=4)
+    _bad("dilation must be >= 1, got 0", torch.randn(1, 4, 10), torch.randn(4, 1, 3), dilation=0, groups=4)
+    _bad("dilation must be an int, got 2.0", torch.randn(1, 4, 10), torch.randn(4, 1, 3), dilation=2.0, groups=4,
+         exc=TypeError)
 
 
 def test_bad_padding_leaves_no_output():

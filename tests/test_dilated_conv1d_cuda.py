@@ -457,24 +457,24 @@ def test_kernel_paths(c_in, c_out, groups, k, dilation, length):
 def test_device_mismatch():
     x = torch.randn(2, 4, 10, device=DEV)
     w = torch.randn(4, 1, 3)
-    with pytest.raises(RuntimeError, match="same device"):
+    with pytest.raises(ValueError, match="same device"):
         OP(x, w, None, None, 1, 2, 10, 4, "none")
-    with pytest.raises(RuntimeError, match="same device"):
+    with pytest.raises(ValueError, match="same device"):
         OP(x, w.to(DEV), torch.randn(4), None, 1, 2, 10, 4, "none")
-    with pytest.raises(RuntimeError, match="same device"):
+    with pytest.raises(ValueError, match="same device"):
         OP_BACKWARD(torch.randn(2, 4, 10), x, w.to(DEV), None, 1, 2, 4, "none", [True, True, False])
 
 
 def test_bad_inputs_cuda():
     x = torch.randn(2, 4, 10, device=DEV)
     w = torch.randn(4, 1, 3, device=DEV)
-    with pytest.raises(RuntimeError, match="dtype"):
+    with pytest.raises(TypeError, match="dtype"):
         OP(x, w.double(), None, None, 1, 2, 10, 4, "none")
-    with pytest.raises(RuntimeError, match="activation"):
+    with pytest.raises(ValueError, match="activation"):
         OP(x, w, None, None, 1, 2, 10, 4, "tanh")
-    with pytest.raises(RuntimeError, match="groups"):
+    with pytest.raises(ValueError, match="groups"):
         OP(x, w, None, None, 1, 2, 10, 3, "none")
-    with pytest.raises(RuntimeError, match="residual"):
+    with pytest.raises(ValueError, match="residual"):
         OP(x, w, None, torch.randn(2, 4, 9, device=DEV), 1, 2, 10, 4, "none")
-    with pytest.raises(RuntimeError, match="grad_out"):
+    with pytest.raises(ValueError, match="grad_out"):
         OP_BACKWARD(torch.randn(2, 3, 10, device=DEV), x, w, None, 1, 2, 4, "none", [True, True, False])

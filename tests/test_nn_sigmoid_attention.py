@@ -112,15 +112,17 @@ def test_sigmoid_attention_gradients_match_reference():
 @pytest.mark.parametrize("kwargs,error,match", [
     (dict(window=(1,)), ValueError, "pair"),
     (dict(window=(-2, 0)), ValueError, ">= 0"),
-    (dict(causal=True, window=(2, 2)), ValueError, "right window of 0"),
+    (dict(causal=True, window=(2, 2)), ValueError, "right window of 2"),
     (dict(bias="big"), TypeError, "bias must be"),
-    (dict(bias=torch.zeros(2, 2)), ValueError, "shape"),
+    (dict(bias=torch.zeros(2, 2)), ValueError, r"bias must have shape \(H_q,\) = \(2,\), got \[2, 2\]"),
     (dict(bias=torch.zeros(2, requires_grad=True)), ValueError, "not require grad"),
     (dict(scale="1"), TypeError, "scale"),
 ])
-def test_sigmoid_attention_constructor_errors(kwargs, error, match):
+def test_sigmoid_attention_argument_errors(kwargs, error, match):
+    # conversions fail in the constructor, ranges and shapes in the op's own checks at the first call
+    q = randn(1, 2, 4, 8, seed=40)
     with pytest.raises(error, match=match):
-        SigmoidAttention(**kwargs)
+        SigmoidAttention(**kwargs)(q, q, q)
 
 
 # ---------------------------------------------------------------- SigmoidMultiheadAttention: parameters
@@ -341,8 +343,8 @@ def test_forward_errors_are_clear():
         m(nested, nested, nested)
     with pytest.raises(ValueError, match="divisible"):
         SigmoidMultiheadAttention(10, 3)
-    with pytest.raises(ValueError, match="one value per head"):
-        SigmoidMultiheadAttention(16, 2, attn_bias=torch.zeros(3))
+    with pytest.raises(ValueError, match=r"bias must have shape \(H_q,\) = \(2,\), got \[3\]"):
+        SigmoidMultiheadAttention(16, 2, attn_bias=torch.zeros(3), batch_first=True).eval()(x, x, x)
 
 
 def test_transformer_encoder_layer_calls_it_in_eval_mode():

@@ -287,14 +287,97 @@ def test_kvcache_without_new_tokens_and_errors():
     out = sigmoid_attention_kvcache(q, k_cache, v_cache, lens)
     expect = ref.sigmoid_attention(q, k_cache, v_cache, causal=True, seqused_k=lens)
     torch.testing.assert_close(out, expect, rtol=1e-5, atol=1e-5)
-    with pytest.raises(ValueError, match="cache is too small"):
+    with pytest.raises(ValueError, match=r"cache is too small: cache_seqlens\[0\] = 16 plus 1 new tokens"):
         sigmoid_attention_kvcache(q, k_cache, v_cache, lens, torch.randn(2, 1, 1, 8), torch.randn(2, 1, 1, 8))
-    with pytest.raises(ValueError, match="int32"):
+    with pytest.raises(TypeError, match="int32"):
         sigmoid_attention_kvcache(q, k_cache, v_cache, lens.long())
     with pytest.raises(ValueError, match="together"):
         sigmoid_attention_kvcache(q, k_cache, v_cache, lens, torch.randn(2, 1, 1, 8))
-    with pytest.raises(RuntimeError, match="seqused_k"):
+    with pytest.raises(ValueError, match="seqused_k"):
         sigmoid_attention_kvcache(q, k_cache, v_cache, torch.tensor([17, 1], dtype=torch.int32))
+
+
+def _append_reference(cache, new, lens):
+    out = cache.clone()
+    for b, n in enumerate(lens.tolist()):
+        out[b, :, n:n + new.shape[2]] = new[b]
+    return out
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float64])
+def test_kv_cache_append_op_writes_each_row_at_its_length(dtype):
+    g = torch.Generator().manual_seed(3)
+    k_cache, v_cache = (torch.randn(3, 2, 12, 8, generator=g).to(dtype) for _ in range(2))
+    # the new tokens in the (B, L, H, D) projection layout, seen as (B, H, L, D): strided rows
+    k_new, v_new = (torch.randn(3, 4, 2, 8, generator=g).to(dtype).transpose(1, 2) for _ in range(2))
+    lens = torch.tensor([0, 5, 8], dtype=torch.int32)
+    want_k, want_v = _append_reference(k_cache, k_new, lens), _append_reference(v_cache, v_new, lens)
+    assert torch.ops.accel.kv_cache_append(k_cache, v_cache, k_new, v_new, lens) is None
+    assert torch.equal(k_cache, want_k) and torch.equal(v_cache, want_v)
+    assert lens.tolist() == [0, 5, 8]  # the lengths are the caller's to advance
+    # a strided head dim (every other element of a wider tensor) is copied element by element
+    k_wide = torch.randn(3, 2, 1, 16, generator=g).to(dtype)
+    torch.ops.accel.kv_cache_append(k_cache, v_cache, k_wide[..., ::2], k_wide[..., 1::2], lens)
+    assert torch.equal(k_cache[1, :, 5], k_wide[1, :, 0, ::2]) and torch.equal(v_cache[2, :, 8], k_wide[2, :, 0, 1::2])
+
+
+def test_kv_cache_append_errors_name_the_argument():
+    kc, vc = torch.zeros(2, 2, 8, 4), torch.zeros(2, 2, 8, 4)
+    new = torch.ones(2, 2, 3, 4)
+    lens = torch.tensor([0, 5], dtype=torch.int32)
+    append = torch.ops.accel.kv_cache_append
+    with pytest.raises(ValueError, match=r"cache_seqlens\[1\] = 6 plus 3 new tokens must lie in \[0, 8\]"):
+        append(kc, vc, new, new, torch.tensor([0, 6], dtype=torch.int32))
+    assert not kc.any() and not vc.any()  # checked before anything is written
+    with pytest.raises(ValueError, match=r"cache_seqlens\[0\] = -1"):
+        append(kc, vc, new, new, torch.tensor([-1, 0], dtype=torch.int32))
+    with pytest.raises(TypeError, match="cache_seqlens must be int32, got Long"):
+        append(kc, vc, new, new, lens.long())
+    with pytest.raises(ValueError, match=r"cache_seqlens must have shape \(B,\) = \(2,\), got \[3\]"):
+        append(kc, vc, new, new, torch.zeros(3, dtype=torch.int32))
+    with pytest.raises(ValueError, match=r"k_new must have shape \(B, H_kv, L_new, D\) = \(2, 2, L_new, 4\)"):
+        append(kc, vc, torch.ones(2, 1, 3, 4), torch.ones(2, 1, 3, 4), lens)
+    with pytest.raises(ValueError, match="v_new must have k_new's shape"):
+        append(kc, vc, new, new[:, :, :2], lens)
+    with pytest.raises(ValueError, match="v_cache must have k_cache's shape"):
+        append(kc, vc[:, :, :4], new, new, lens)
+    with pytest.raises(TypeError, match="v_new has dtype Double but k_cache has dtype Float"):
+        append(kc, vc, new, new.double(), lens)
+    with pytest.raises(ValueError, match="cannot append 9 tokens"):
+        append(kc, vc, torch.ones(2, 2, 9, 4), torch.ones(2, 2, 9, 4), lens)
+    with pytest.raises(ValueError, match="k_cache must be 4-D"):
+        append(kc[0], vc, new, new, lens)
+
+
+def test_kv_cache_append_opcheck():
+    g = torch.Generator().manual_seed(4)
+    kc, vc = (torch.randn(2, 3, 10, 8, generator=g) for _ in range(2))
+    kn, vn = (torch.randn(2, 3, 2, 8, generator=g) for _ in range(2))
+    for lens in ([0, 8], [3, 1]):
+        torch.library.opcheck(torch.ops.accel.kv_cache_append,
+                              (kc.clone(), vc.clone(), kn, vn, torch.tensor(lens, dtype=torch.int32)))
+
+
+def test_kvcache_decode_step_compiles_fullgraph():
+    """A compiled decode step (append + attention) gives eager's output and leaves the same caches."""
+    g = torch.Generator().manual_seed(5)
+    kc, vc = (torch.randn(2, 2, 16, 8, generator=g) for _ in range(2))
+    lens = torch.tensor([3, 9], dtype=torch.int32)
+
+    def step(q, k_cache, v_cache, k_new, v_new, lens):
+        return sigmoid_attention_kvcache(q, k_cache, v_cache, lens, k_new, v_new) * 2
+
+    compiled = torch.compile(step, fullgraph=True)
+    caches = {"eager": (kc.clone(), vc.clone()), "compiled": (kc.clone(), vc.clone())}
+    for _ in range(3):
+        q = torch.randn(2, 4, 2, 8, generator=g)
+        kn, vn = (torch.randn(2, 2, 2, 8, generator=g) for _ in range(2))
+        want = step(q, *caches["eager"], kn, vn, lens)
+        got = compiled(q, *caches["compiled"], kn, vn, lens)
+        torch.testing.assert_close(got, want)
+        assert all(torch.equal(a, b) for a, b in zip(caches["compiled"], caches["eager"]))
+        lens += 2
+    assert not torch.equal(caches["eager"][0], kc)  # the step did write the caches
 
 
 # ---------------------------------------------------------------- errors
@@ -302,43 +385,49 @@ def test_kvcache_without_new_tokens_and_errors():
 def test_bad_inputs_get_clear_errors():
     q = torch.randn(1, 3, 8, 16)
     k = torch.randn(1, 2, 8, 16)
-    with pytest.raises(RuntimeError, match="multiple of the number of key/value heads"):
+    with pytest.raises(ValueError, match="multiple of the number of key/value heads"):
         sigmoid_attention(q, k, k)
-    with pytest.raises(RuntimeError, match="same head dim"):
+    with pytest.raises(ValueError, match="same head dim"):
         sigmoid_attention(torch.randn(1, 2, 8, 16), torch.randn(1, 2, 8, 8), torch.randn(1, 2, 8, 8))
-    with pytest.raises(RuntimeError, match="dtype"):
+    with pytest.raises(TypeError, match="k has dtype Double but q has dtype Float"):
         sigmoid_attention(torch.randn(1, 2, 8, 16), torch.randn(1, 2, 8, 16).double(), torch.randn(1, 2, 8, 16))
-    with pytest.raises(ValueError, match="4-D"):
+    with pytest.raises(ValueError, match=r"q must be 4-D \(B, H_q, L_q, D\), got shape \[2, 8, 16\]"):
         sigmoid_attention(torch.randn(2, 8, 16), k, k)
-    with pytest.raises(RuntimeError, match=r"bias must have shape \(H_q,\)"):
+    with pytest.raises(ValueError, match=r"bias must have shape \(H_q,\)"):
         sigmoid_attention(k, k, k, bias=torch.zeros(3))
-    with pytest.raises(RuntimeError, match="alibi_slopes must have shape"):
+    with pytest.raises(ValueError, match="alibi_slopes must have shape"):
         sigmoid_attention(k, k, k, alibi_slopes=torch.zeros(5))
-    with pytest.raises(ValueError, match="window"):
+    with pytest.raises(ValueError, match=r"window sizes must be >= 0, or -1 for unbounded, got \(-2, 0\)"):
         sigmoid_attention(k, k, k, window=(-2, 0))
-    with pytest.raises(ValueError, match="causal"):
+    with pytest.raises(ValueError, match="causal=True cannot be combined with a right window of 2"):
         sigmoid_attention(k, k, k, causal=True, window=(3, 2))
-    with pytest.raises(RuntimeError, match="last"):
+    with pytest.raises(ValueError, match="last"):
         sigmoid_attention(torch.randn(1, 2, 16, 8).transpose(2, 3), k, k)
-    with pytest.raises(RuntimeError, match="floating-point"):
+    with pytest.raises(TypeError, match="floating-point"):
         sigmoid_attention(k.long(), k.long(), k.long())
+    with pytest.raises(TypeError, match="q must be a tensor, got list"):
+        sigmoid_attention([1.0], k, k)
+    with pytest.raises(TypeError, match="bias must be None, a float or a per-head"):
+        sigmoid_attention(k, k, k, bias="big")
+    with pytest.raises(ValueError, match=r"window must be a pair \(left, right\) of ints"):
+        sigmoid_attention(k, k, k, window=(1,))
 
 
 def test_bad_varlen_inputs_get_clear_errors():
     q = torch.randn(10, 2, 8)
     cu = torch.tensor([0, 4, 10], dtype=torch.int32)
-    with pytest.raises(RuntimeError, match="non-decreasing"):
+    with pytest.raises(ValueError, match="non-decreasing"):
         sigmoid_attention_varlen(q, q, q, torch.tensor([0, 6, 4, 10], dtype=torch.int32),
                                  torch.tensor([0, 6, 4, 10], dtype=torch.int32), 10, 10)
-    with pytest.raises(RuntimeError, match="beyond"):
+    with pytest.raises(ValueError, match="beyond"):
         sigmoid_attention_varlen(q, q, q, torch.tensor([0, 4, 11], dtype=torch.int32), cu, 10, 10)
-    with pytest.raises(RuntimeError, match="maximum"):
+    with pytest.raises(ValueError, match="maximum"):
         sigmoid_attention_varlen(q, q, q, cu, cu, 4, 10)
-    with pytest.raises(RuntimeError, match=r"\[0\] must be 0"):
+    with pytest.raises(ValueError, match=r"\[0\] must be 0"):
         sigmoid_attention_varlen(q, q, q, torch.tensor([1, 4, 10], dtype=torch.int32), cu, 10, 10)
-    with pytest.raises(RuntimeError, match="same length"):
+    with pytest.raises(ValueError, match="same length"):
         sigmoid_attention_varlen(q, q, q, cu, torch.tensor([0, 10], dtype=torch.int32), 10, 10)
-    with pytest.raises(ValueError, match="int32"):
+    with pytest.raises(TypeError, match="cu_seqlens_q must be int32"):
         sigmoid_attention_varlen(q, q, q, cu.long(), cu, 10, 10)
 
 

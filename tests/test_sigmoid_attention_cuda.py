@@ -389,6 +389,52 @@ def test_cuda_graph_capture_kvcache_decode():
             check_close([out[b:b + 1]], [want], 8 * torch.finfo(torch.bfloat16).eps, f"decode step {step} batch {b}")
 
 
+def test_kv_cache_append_in_a_graph_writes_where_the_device_lengths_say():
+    """Captured once, the append reads each replay's lengths on the device; a row whose new tokens do
+    not fit is left unwritten, and nothing lands outside the cache (guard rows around it stay zero)."""
+    B, hkv, lmax, d, n_new = 3, 2, 64, 40, 2
+    store_k = torch.zeros(B, hkv, lmax + 2, d, device=DEV, dtype=torch.float16)
+    store_v = torch.zeros_like(store_k)
+    k_cache, v_cache = store_k[:, :, 1:-1], store_v[:, :, 1:-1]  # strided views between guard rows
+    k_new = torch.zeros(B, hkv, n_new, d, device=DEV, dtype=torch.float16)
+    v_new = torch.zeros_like(k_new)
+    lens = torch.zeros(B, dtype=torch.int32, device=DEV)
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):  # warm up outside the capture
+        torch.ops.accel.kv_cache_append(k_cache, v_cache, k_new, v_new, lens)
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        torch.ops.accel.kv_cache_append(k_cache, v_cache, k_new, v_new, lens)
+    want_k, want_v = store_k.clone(), store_v.clone()
+    for new_lens in ([0, 5, 62], [2, 63, -1], [62, 10, 40], [lmax, 2**31 - 1, 7]):
+        lens.copy_(torch.tensor(new_lens, dtype=torch.int32))
+        k_new.normal_()
+        v_new.normal_()
+        graph.replay()
+        for b, n in enumerate(new_lens):
+            if 0 <= n <= lmax - n_new:
+                want_k[b, :, 1 + n:1 + n + n_new] = k_new[b]
+                want_v[b, :, 1 + n:1 + n + n_new] = v_new[b]
+        torch.cuda.synchronize()
+        assert torch.equal(store_k, want_k) and torch.equal(store_v, want_v), f"lengths {new_lens}"
+    assert not want_k[:, :, 0].any() and not want_k[:, :, -1].any()
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32, torch.float64])
+def test_kv_cache_append_matches_cpu_and_passes_opcheck(dtype):
+    gen = torch.Generator().manual_seed(12)
+    kc, vc = (torch.randn(2, 3, 20, 72, generator=gen).to(dtype) for _ in range(2))
+    kn, vn = (torch.randn(2, 5, 3, 72, generator=gen).to(dtype).transpose(1, 2) for _ in range(2))
+    lens = torch.tensor([4, 17], dtype=torch.int32)
+    args_cuda = [t.to(DEV) for t in (kc, vc, kn, vn, lens)]
+    torch.ops.accel.kv_cache_append(kc, vc, kn, vn, lens)
+    torch.ops.accel.kv_cache_append(*args_cuda)
+    assert torch.equal(args_cuda[0].cpu(), kc) and torch.equal(args_cuda[1].cpu(), vc)
+    torch.library.opcheck(torch.ops.accel.kv_cache_append, tuple(t.clone() for t in args_cuda))
+
+
 def test_opcheck():
     gen = torch.Generator().manual_seed(10)
     q, k, v, _ = (t.to(torch.float16) for t in make_inputs(1, 2, 1, 33, 70, 64, gen=gen))
@@ -407,14 +453,14 @@ def test_bad_inputs_raise_clear_errors():
     with pytest.raises(RuntimeError, match="head dims up to 256"):
         big = torch.randn(1, 2, 8, 264, device=DEV, dtype=torch.float16)
         sigmoid_attention(big, big, big)
-    with pytest.raises(RuntimeError, match="dtype"):
+    with pytest.raises(TypeError, match="dtype"):
         sigmoid_attention(q.half(), k.bfloat16(), v.half())
-    with pytest.raises(RuntimeError, match="device"):
+    with pytest.raises(ValueError, match="device"):
         sigmoid_attention(q, k.cpu(), v)
-    with pytest.raises(RuntimeError, match="multiple"):
+    with pytest.raises(ValueError, match="multiple"):
         sigmoid_attention(q[:, :2].half(), torch.randn(1, 3, 8, 64, device=DEV, dtype=torch.float16),
                           torch.randn(1, 3, 8, 64, device=DEV, dtype=torch.float16))
     cu = torch.tensor([0, 8], dtype=torch.int32)  # on the CPU while q is on the GPU
-    with pytest.raises(RuntimeError, match="device"):
+    with pytest.raises(ValueError, match="device"):
         qv = q[0].transpose(0, 1).half()
         torch.ops.accel.sigmoid_attention_fwd(qv, qv, qv, cu, cu, None, 8, 8, 0.125, None, None, False, -1, -1, None)

@@ -6,7 +6,7 @@ from typing import Optional, Union
 import torch
 from torch import Tensor, nn
 
-from accel.ops.dilated_conv1d import ACTIVATIONS, dilated_conv1d
+from accel.ops.dilated_conv1d import dilated_conv1d
 
 
 def _single(v, name):
@@ -46,16 +46,12 @@ class DilatedConv1d(nn.Conv1d):
             raise ValueError(f"DilatedConv1d supports stride 1 only, got stride={stride!r}")
         if padding_mode != "zeros":
             raise ValueError(f"DilatedConv1d supports padding_mode='zeros' only, got {padding_mode!r}")
-        if activation is not None and activation not in ACTIVATIONS:
-            raise ValueError(f"DilatedConv1d: activation must be None, 'relu', 'gelu' or 'silu', got {activation!r}")
         if isinstance(padding, str):
             if padding not in ("causal", "same", "valid"):
                 raise ValueError(f"DilatedConv1d: padding must be 'causal', 'same', 'valid' or an int, got {padding!r}")
             accel_padding = 0 if padding == "valid" else padding
         else:
-            accel_padding = _single(padding, "padding")
-            if accel_padding < 0:
-                raise ValueError(f"DilatedConv1d: padding must be >= 0, got {padding!r}")
+            accel_padding = _single(padding, "padding")  # its range is checked by accel.ops.dilated_conv1d
         # nn.Conv1d's constructor does not know "causal"; it is handed an equivalent it accepts.
         super().__init__(
             in_channels, out_channels, kernel_size, stride=1,

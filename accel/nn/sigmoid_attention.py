@@ -5,14 +5,20 @@ has ``nn.MultiheadAttention``'s constructor, parameters and ``state_dict`` keys 
 """
 from __future__ import annotations
 
-from typing import Any, Callable, Mapping, Optional, Sequence, Tuple, Union
+from typing import Any, Callable, Mapping, Optional, Tuple, Union
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.nn.modules.linear import NonDynamicallyQuantizableLinear
 
-from accel.ops.sigmoid_attention import sigmoid_attention, sigmoid_attention_varlen
+from accel.ops.sigmoid_attention import (
+    resolve_bias,
+    resolve_scale,
+    resolve_window,
+    sigmoid_attention,
+    sigmoid_attention_varlen,
+)
 
 Bias = Union[None, float, Tensor]
 
@@ -20,56 +26,16 @@ _MHA_PARAMETERS = ("in_proj_weight", "q_proj_weight", "k_proj_weight", "v_proj_w
                    "out_proj.weight", "out_proj.bias", "bias_k", "bias_v")
 
 
-# ---------------------------------------------------------------- argument checks
+# ---------------------------------------------------------------- module arguments
+# The op checks shapes, ranges and the window when it runs; a module only converts its arguments
+# (accel.ops.sigmoid_attention's resolve_*) and keeps what the op cannot see: autograd.
 
-def _check_window(window: Sequence[int], causal: bool, owner: str) -> Tuple[int, int]:
-    try:
-        left, right = (int(w) for w in window)
-    except (TypeError, ValueError):
-        raise ValueError(f"{owner}: window must be a pair (left, right) of ints, got {window!r}") from None
-    if left < -1 or right < -1:
-        raise ValueError(f"{owner}: window sizes must be >= 0, or -1 for unbounded, got {tuple(window)}")
-    if causal and right > 0:
-        raise ValueError(f"{owner}: causal=True means a right window of 0, got window={tuple(window)}")
-    return left, right
-
-
-def _check_bias(bias: Any, heads: Optional[int], owner: str) -> Bias:
-    """None (the paper's ``-log(L_k)``), a float, or a fixed ``(H,)`` tensor (the kernel does not differentiate it)."""
-    if bias is None:
-        return None
-    if isinstance(bias, Tensor):
-        if bias.requires_grad:
-            raise ValueError(f"{owner}: a tensor bias must not require grad (the kernel does not differentiate the "
-                             "bias); pass bias.detach() or a float")
-        if bias.dim() != 1 or (heads is not None and bias.shape[0] != heads):
-            want = f"({heads},)" if heads is not None else "(H,)"
-            raise ValueError(f"{owner}: a tensor bias must have shape {want}, one value per head, "
-                             f"got {tuple(bias.shape)}")
-        return bias
-    if isinstance(bias, bool) or not isinstance(bias, (int, float)):
-        raise TypeError(f"{owner}: bias must be None, a float or a per-head tensor, got {type(bias).__name__}")
-    return float(bias)
-
-
-def _check_slopes(slopes: Optional[Tensor], heads: Optional[int], owner: str) -> Optional[Tensor]:
-    if slopes is None:
-        return None
-    if not isinstance(slopes, Tensor) or slopes.dim() != 1 or (heads is not None and slopes.shape[0] != heads):
-        want = f"({heads},)" if heads is not None else "(H,)"
-        got = tuple(slopes.shape) if isinstance(slopes, Tensor) else type(slopes).__name__
-        raise ValueError(f"{owner}: alibi_slopes must be a tensor of shape {want}, got {got}")
-    if slopes.requires_grad:
-        raise ValueError(f"{owner}: alibi_slopes must not require grad (the kernel does not differentiate them)")
-    return slopes
-
-
-def _check_scale(scale: Any, owner: str) -> Optional[float]:
-    if scale is None:
-        return None
-    if isinstance(scale, bool) or not isinstance(scale, (int, float)):
-        raise TypeError(f"{owner}: scale must be a float or None, got {type(scale).__name__}")
-    return float(scale)
+def _fixed(t: Any, what: str, owner: str) -> Any:
+    """A bias or slopes tensor kept by the module: the kernel does not differentiate it."""
+    if isinstance(t, Tensor) and t.requires_grad:
+        raise ValueError(f"{owner}: {what} must not require grad (the kernel does not differentiate it); "
+                         f"pass {what}.detach()")
+    return t
 
 
 def _describe_bias(bias: Bias) -> str:
@@ -98,15 +64,15 @@ class SigmoidAttention(nn.Module):
                  window: Tuple[int, int] = (-1, -1), alibi_slopes: Optional[Tensor] = None):
         super().__init__()
         owner = type(self).__name__
-        self.scale = _check_scale(scale, owner)
+        self.scale = resolve_scale(scale)
         self.causal = bool(causal)
-        self.window = _check_window(window, self.causal, owner)
-        bias = _check_bias(bias, None, owner)
+        self.window = resolve_window(window)
+        bias = _fixed(resolve_bias(bias), "a tensor bias", owner)
         if isinstance(bias, Tensor):
             self.register_buffer("bias", bias, persistent=False)
         else:
             self.bias = bias
-        self.register_buffer("alibi_slopes", _check_slopes(alibi_slopes, None, owner), persistent=False)
+        self.register_buffer("alibi_slopes", _fixed(alibi_slopes, "alibi_slopes", owner), persistent=False)
 
     def forward(self, q: Tensor, k: Tensor, v: Tensor, *, causal: Optional[bool] = None,
                 window: Optional[Tuple[int, int]] = None, scale: Optional[float] = None) -> Tensor:
@@ -248,8 +214,8 @@ class SigmoidMultiheadAttention(nn.Module):
         self.head_dim = embed_dim // num_heads
         self.dropout = float(dropout)
         self.batch_first = batch_first
-        self.scale = _check_scale(scale, owner)
-        self.window = _check_window(window, False, owner)
+        self.scale = resolve_scale(scale)
+        self.window = resolve_window(window)
         # Parameters in nn.MultiheadAttention's order, so state_dict keys and their order match.
         if self.kdim == embed_dim and self.vdim == embed_dim:
             self.in_proj_weight = nn.Parameter(torch.empty(3 * embed_dim, embed_dim, **factory))
@@ -272,12 +238,12 @@ class SigmoidMultiheadAttention(nn.Module):
         else:
             self.bias_k = self.bias_v = None
         self.add_zero_attn = add_zero_attn
-        attn_bias = _check_bias(attn_bias, num_heads, owner)
+        attn_bias = _fixed(resolve_bias(attn_bias), "a tensor attn_bias", owner)
         if isinstance(attn_bias, Tensor):  # non-persistent: state_dict keys stay nn.MultiheadAttention's
             self.register_buffer("attn_bias", attn_bias, persistent=False)
         else:
             self.attn_bias = attn_bias
-        self.register_buffer("alibi_slopes", _check_slopes(alibi_slopes, num_heads, owner), persistent=False)
+        self.register_buffer("alibi_slopes", _fixed(alibi_slopes, "alibi_slopes", owner), persistent=False)
         self._reset_parameters()
 
     # nn.TransformerEncoder(Layer) reads this flag and, when it is True in eval mode, runs its own fused

@@ -8,9 +8,11 @@ from torch import Tensor
 
 from accel import _ext
 from accel.ops._capability import Capability, Example
+from accel.ops._common import fake_dims, fake_grad, grads_for, int_arg, size, tensor_arg
 
 _ext.load()
 
+_NAME = "dilated_conv1d"
 ACTIVATIONS = ("none", "relu", "gelu", "silu")
 
 
@@ -56,13 +58,11 @@ def resolve_padding(padding: Padding, kernel_size: int, dilation: int, length: i
     ``nn.Conv1d(padding="same")`` does; an int pads that many zeros on both sides.
     """
     span = (kernel_size - 1) * dilation
-    if isinstance(padding, bool) or not isinstance(padding, (str, int)):
-        raise ValueError(f"dilated_conv1d: padding must be 'causal', 'same' or an int, got {padding!r}")
-    if isinstance(padding, str):
-        if padding == "causal":
-            return span, length
-        if padding == "same":
-            return span // 2, length
+    if padding == "causal":
+        return span, length
+    if padding == "same":
+        return span // 2, length
+    if isinstance(padding, bool) or not isinstance(padding, int):
         raise ValueError(f"dilated_conv1d: padding must be 'causal', 'same' or an int, got {padding!r}")
     if padding < 0:
         raise ValueError(f"dilated_conv1d: integer padding must be >= 0, got {padding}")
@@ -104,20 +104,10 @@ def dilated_conv1d(
     Returns:
         ``(B, C_out, L_out)`` in ``x``'s dtype (accumulation is fp32 for low precision).
     """
-    if not isinstance(x, Tensor) or not isinstance(weight, Tensor):
-        raise TypeError("dilated_conv1d: x and weight must be tensors")
-    if x.dim() != 3:
-        raise ValueError(f"dilated_conv1d: x must be 3-D (B, C_in, L), got shape {tuple(x.shape)}")
-    if weight.dim() != 3:
-        raise ValueError(f"dilated_conv1d: weight must be 3-D (C_out, C_in / groups, K), got shape {tuple(weight.shape)}")
-    if isinstance(dilation, bool) or not isinstance(dilation, int) or dilation < 1:
-        raise ValueError(f"dilated_conv1d: dilation must be an int >= 1, got {dilation!r}")
-    if isinstance(groups, bool) or not isinstance(groups, int) or groups < 1:
-        raise ValueError(f"dilated_conv1d: groups must be an int >= 1, got {groups!r}")
+    x, weight = tensor_arg(_NAME, "x", x), tensor_arg(_NAME, "weight", weight)
+    dilation, groups = int_arg(_NAME, "dilation", dilation), int_arg(_NAME, "groups", groups)
     act = "none" if activation is None else activation
-    if act not in ACTIVATIONS:
-        raise ValueError(f"dilated_conv1d: activation must be None, 'relu', 'gelu' or 'silu', got {activation!r}")
-    pad_left, out_length = resolve_padding(padding, weight.shape[-1], dilation, x.shape[-1])
+    pad_left, out_length = resolve_padding(padding, size(weight, -1, 1), dilation, size(x, -1))
     return torch.ops.accel.dilated_conv1d(x, weight, bias, residual, dilation, pad_left, out_length, groups, act)
 
 
@@ -125,23 +115,15 @@ def dilated_conv1d(
 
 @torch.library.register_fake("accel::dilated_conv1d")
 def _dilated_conv1d_fake(x, weight, bias, residual, dilation, pad_left, out_length, groups, activation):
-    torch._check(x.dim() == 3, lambda: "dilated_conv1d: x must be 3-D (B, C_in, L)")
-    torch._check(weight.dim() == 3, lambda: "dilated_conv1d: weight must be 3-D")
-    torch._check(x.dtype == weight.dtype, lambda: "dilated_conv1d: x and weight dtypes must match")
-    torch._check(groups >= 1 and x.shape[1] % groups == 0, lambda: "dilated_conv1d: groups must divide C_in")
-    torch._check(weight.shape[0] % groups == 0, lambda: "dilated_conv1d: groups must divide C_out")
-    torch._check(weight.shape[1] * groups == x.shape[1], lambda: "dilated_conv1d: weight.size(1) must be C_in/groups")
-    torch._check(out_length >= 0, lambda: "dilated_conv1d: out_length must be >= 0")
+    fake_dims(_NAME, x=(x, 3, "(B, C_in, L)"), weight=(weight, 3, "(C_out, C_in / groups, K)"))
     return x.new_empty((x.shape[0], weight.shape[0], out_length))
 
 
 @torch.library.register_fake("accel::dilated_conv1d_backward")
 def _dilated_conv1d_backward_fake(grad_out, x, weight, bias, dilation, pad_left, groups, activation, output_mask):
     # gradients are contiguous whatever the inputs' strides (both backends allocate them so)
-    grad_x = x.new_empty(x.shape) if output_mask[0] else x.new_empty((0,))
-    grad_w = x.new_empty(weight.shape) if output_mask[1] else x.new_empty((0,))
-    grad_b = x.new_empty((weight.shape[0],)) if output_mask[2] and bias is not None else x.new_empty((0,))
-    return grad_x, grad_w, grad_b
+    grad_b = fake_grad(x.new_empty((weight.shape[0],)), output_mask[2] and bias is not None)
+    return fake_grad(x, output_mask[0]), fake_grad(weight, output_mask[1]), grad_b
 
 
 # ---------------------------------------------------------------- autograd

@@ -13,6 +13,7 @@ from torch import Tensor
 
 from accel import _ext
 from accel.ops._capability import Capability, Example
+from accel.ops._common import fake_dims, fake_grad, fake_same_device, grads_for, int_arg, size, tensor_arg
 
 _ext.load()
 
@@ -56,13 +57,6 @@ CAPABILITY = Capability(
 )
 
 
-def _check_tensor(name: str, t, dims: int, layout: str) -> None:
-    if not isinstance(t, Tensor):
-        raise TypeError(f"{_NAME}: {name} must be a tensor, got {type(t).__name__}")
-    if t.dim() != dims:
-        raise ValueError(f"{_NAME}: {name} must be {dims}-D {layout}, got shape {tuple(t.shape)}")
-
-
 def _check_ids_on_host(topk_ids: Tensor, experts: int) -> None:
     """CUDA kernels skip out-of-range ids (no out-of-bounds access); this turns them into an error.
 
@@ -92,12 +86,7 @@ def moe_route(router_logits: Tensor, top_k: int, *, renormalize: bool = True,
         descending score order (ties: the lower expert id first) and int64 ``(T, top_k)``. Differentiable with respect to
         ``router_logits`` through the weights.
     """
-    _check_tensor("router_logits", router_logits, 2, "(T, E)")
-    if scoring not in SCORINGS:
-        raise ValueError(f"{_NAME}: scoring must be one of {SCORINGS}, got {scoring!r}")
-    if isinstance(top_k, bool) or not isinstance(top_k, int) or not 1 <= top_k <= router_logits.shape[1]:
-        raise ValueError(f"{_NAME}: top_k must be an int in [1, E] = [1, {router_logits.shape[1]}], got {top_k!r}")
-    return torch.ops.accel.moe_route(router_logits, top_k, bool(renormalize), scoring)
+    return torch.ops.accel.moe_route(router_logits, int_arg("moe_route", "top_k", top_k), bool(renormalize), scoring)
 
 
 def fused_moe(
@@ -135,26 +124,23 @@ def fused_moe(
         ``(T, H)`` in the hidden dtype. Differentiable with respect to ``hidden``, both weights,
         ``topk_weights`` and ``router_logits``.
     """
-    _check_tensor("hidden", hidden, 2, "(T, H)")
-    _check_tensor("gate_up_proj", gate_up_proj, 3, "(E, 2I, H)")
-    _check_tensor("down_proj", down_proj, 3, "(E, H, I)")
-    if activation not in ACTIVATIONS:
-        raise ValueError(f"{_NAME}: activation must be one of {ACTIVATIONS}, got {activation!r}")
+    for name, t in (("hidden", hidden), ("gate_up_proj", gate_up_proj), ("down_proj", down_proj)):
+        tensor_arg(_NAME, name, t)
     if router_logits is not None:
         if topk_weights is not None or topk_ids is not None:
             raise ValueError(f"{_NAME}: pass either router_logits or topk_weights/topk_ids, not both")
-        _check_tensor("router_logits", router_logits, 2, "(T, E)")
-        if router_logits.shape[1] != gate_up_proj.shape[0]:
+        router_logits = tensor_arg(_NAME, "router_logits", router_logits)
+        # routing and experts are two ops: neither sees both expert counts
+        if router_logits.dim() == 2 and gate_up_proj.dim() == 3 and router_logits.shape[1] != gate_up_proj.shape[0]:
             raise ValueError(f"{_NAME}: router_logits has {router_logits.shape[1]} expert columns but gate_up_proj "
                              f"holds E = {gate_up_proj.shape[0]} experts; they must match")
         topk_weights, topk_ids = moe_route(router_logits, top_k, renormalize=renormalize, scoring=scoring)
     elif topk_weights is None or topk_ids is None:
         raise ValueError(f"{_NAME}: pass router_logits, or both topk_weights and topk_ids")
     else:
-        _check_tensor("topk_weights", topk_weights, 2, "(T, k)")
-        _check_tensor("topk_ids", topk_ids, 2, "(T, k)")
-        if topk_ids.is_cuda and check_ids:
-            _check_ids_on_host(topk_ids, gate_up_proj.shape[0])
+        tensor_arg(_NAME, "topk_weights", topk_weights)
+        if tensor_arg(_NAME, "topk_ids", topk_ids).is_cuda and check_ids:
+            _check_ids_on_host(topk_ids, size(gate_up_proj, 0))
     save = torch.is_grad_enabled() and any(
         t.requires_grad for t in (hidden, gate_up_proj, down_proj, topk_weights))
     out, _ = torch.ops.accel.fused_moe_fwd(hidden, gate_up_proj, down_proj, topk_weights, topk_ids, activation, save)
@@ -178,14 +164,10 @@ def _route_bwd_fake(grad_weights, router_logits, topk_weights, topk_ids, renorma
 
 @torch.library.register_fake("accel::fused_moe_fwd")
 def _fwd_fake(hidden, gate_up_proj, down_proj, topk_weights, topk_ids, activation, save_cache):
-    torch._check(hidden.dim() == 2 and gate_up_proj.dim() == 3 and down_proj.dim() == 3,
-                 lambda: f"{_NAME}: hidden (T, H), gate_up_proj (E, 2I, H), down_proj (E, H, I)")
-    # also the meta kernel: a model whose weights were never materialised must not pass silently
-    for name, t in (("gate_up_proj", gate_up_proj), ("down_proj", down_proj), ("topk_weights", topk_weights),
-                    ("topk_ids", topk_ids)):
-        torch._check(t.device == hidden.device,
-                     lambda: f"{_NAME}: {name} is on {t.device} but hidden is on {hidden.device}; "
-                             "they must be on the same device")
+    fake_dims(_NAME, hidden=(hidden, 2, "(T, H)"), gate_up_proj=(gate_up_proj, 3, "(E, 2I, H)"),
+              topk_ids=(topk_ids, 2, "(T, k)"))
+    fake_same_device(_NAME, "hidden", hidden, gate_up_proj=gate_up_proj, down_proj=down_proj,
+                     topk_weights=topk_weights, topk_ids=topk_ids)
     rows = hidden.shape[0] * topk_ids.shape[1] if save_cache else 0
     cache = hidden.new_empty((rows, gate_up_proj.shape[1]))
     return hidden.new_empty(hidden.shape), cache
@@ -193,10 +175,7 @@ def _fwd_fake(hidden, gate_up_proj, down_proj, topk_weights, topk_ids, activatio
 
 @torch.library.register_fake("accel::fused_moe_bwd")
 def _bwd_fake(grad_out, hidden, gate_up_proj, down_proj, topk_weights, topk_ids, cache, activation, output_mask):
-    def grad(t, want):
-        return t.new_empty(t.shape) if want else t.new_empty((0,))
-    return (grad(hidden, output_mask[0]), grad(gate_up_proj, output_mask[1]), grad(down_proj, output_mask[2]),
-            grad(topk_weights, output_mask[3]))
+    return tuple(fake_grad(t, want) for t, want in zip((hidden, gate_up_proj, down_proj, topk_weights), output_mask))
 
 
 # ---------------------------------------------------------------- autograd
@@ -239,8 +218,7 @@ def _fwd_backward(ctx, grad_out, grad_cache):
                            "call accel.ops.fused_moe, which saves them when an input requires grad")
     dx, dw1, dw2, dw = torch.ops.accel.fused_moe_bwd(
         grad_out.contiguous(), hidden, w1, w2, weights, ids, cache, ctx.activation, mask)
-    return (dx if mask[0] else None, dw1 if mask[1] else None, dw2 if mask[2] else None,
-            dw if mask[3] else None, None, None, None)
+    return grads_for(mask, (dx, dw1, dw2, dw), 7)
 
 
 torch.library.register_autograd("accel::fused_moe_fwd", _fwd_backward, setup_context=_fwd_setup)

@@ -14,6 +14,7 @@ from torch import Tensor
 
 from accel import _ext
 from accel.ops._capability import Capability, Example
+from accel.ops._common import fake_grad, grads_for, int_arg, size, tensor_arg
 
 _ext.load()
 
@@ -49,7 +50,7 @@ CAPABILITY = Capability(
     name="sigmoid_attention",
     summary="O = sigmoid(scale QK^T + b) V: causal, sliding window, ALiBi, GQA/MQA, varlen, KV cache",
     functions=("sigmoid_attention", "sigmoid_attention_varlen", "sigmoid_attention_kvcache"),
-    ops=("sigmoid_attention_fwd", "sigmoid_attention_bwd"),
+    ops=("sigmoid_attention_fwd", "sigmoid_attention_bwd", "kv_cache_append"),
     dtypes={"cpu": (torch.float32, torch.float64, torch.bfloat16, torch.float16),
             "cuda": (torch.float32, torch.bfloat16, torch.float16)},
     examples=_examples,
@@ -62,43 +63,41 @@ CAPABILITY = Capability(
 )
 
 
-def _resolve_scale(scale: Optional[float], head_dim: int) -> float:
+def resolve_scale(scale: Optional[float]) -> Optional[float]:
+    """A float scale or None (the default ``1/sqrt(D)``, filled in per call); refuses other types."""
     if scale is None:
-        return 1.0 / math.sqrt(head_dim)
+        return None
     if isinstance(scale, bool) or not isinstance(scale, (int, float)):
-        raise ValueError(f"{_NAME}: scale must be a float or None, got {scale!r}")
+        raise TypeError(f"{_NAME}: scale must be a float or None, got {type(scale).__name__}")
     return float(scale)
 
 
-def _resolve_bias(bias: Bias) -> Tuple[Optional[Tensor], Optional[float]]:
-    if bias is None:
-        return None, None
-    if isinstance(bias, Tensor):
-        return bias, None
+def resolve_bias(bias: Bias) -> Union[None, float, Tensor]:
+    """None, a float or a tensor, as the schema's ``bias``/``bias_value`` pair takes them; refuses other types."""
+    if bias is None or isinstance(bias, Tensor):
+        return bias
     if isinstance(bias, bool) or not isinstance(bias, (int, float)):
-        raise ValueError(f"{_NAME}: bias must be None, a float or a (H_q,) tensor, got {type(bias).__name__}")
-    return None, float(bias)
+        raise TypeError(f"{_NAME}: bias must be None, a float or a per-head (H_q,) tensor, got {type(bias).__name__}")
+    return float(bias)
 
 
-def _resolve_window(window: Sequence[int], causal: bool) -> Tuple[int, int]:
+def resolve_window(window: Sequence[int]) -> Tuple[int, int]:
+    """``(left, right)`` as two ints; their range (and causal's right window of 0) is checked natively."""
     try:
         left, right = (int(w) for w in window)
     except (TypeError, ValueError):
         raise ValueError(f"{_NAME}: window must be a pair (left, right) of ints, got {window!r}") from None
-    if left < -1 or right < -1:
-        raise ValueError(f"{_NAME}: window sizes must be >= 0, or -1 for unbounded, got {tuple(window)}")
-    if causal:
-        if right > 0:
-            raise ValueError(f"{_NAME}: causal=True means a right window of 0, got window={tuple(window)}")
-        right = 0
     return left, right
 
 
-def _check_tensor(name: str, t, dims: int, layout: str) -> None:
-    if not isinstance(t, Tensor):
-        raise TypeError(f"{_NAME}: {name} must be a tensor, got {type(t).__name__}")
-    if t.dim() != dims:
-        raise ValueError(f"{_NAME}: {name} must be {dims}-D {layout}, got shape {tuple(t.shape)}")
+def _options(q: Tensor, bias: Bias, scale: Optional[float], causal: bool, window, alibi_slopes) -> tuple:
+    """The schema's trailing arguments ``scale, bias, bias_value, causal, window_left, window_right, alibi_slopes``."""
+    scale = resolve_scale(scale)
+    if scale is None:
+        scale = 1.0 / math.sqrt(max(size(q, -1, 1), 1))
+    bias = resolve_bias(bias)
+    bias_t, bias_v = (bias, None) if isinstance(bias, Tensor) else (None, bias)
+    return (scale, bias_t, bias_v, bool(causal), *resolve_window(window), alibi_slopes)
 
 
 def sigmoid_attention(
@@ -128,14 +127,9 @@ def sigmoid_attention(
         ``(B, H_q, L_q, D)`` contiguous, in the inputs' dtype. CPU: float32, float64, bfloat16, float16;
         CUDA: float16, bfloat16 (tensor cores) and float32.
     """
-    _check_tensor("q", q, 4, "(B, H_q, L_q, D)")
-    _check_tensor("k", k, 4, "(B, H_kv, L_k, D)")
-    _check_tensor("v", v, 4, "(B, H_kv, L_k, D)")
-    bias_t, bias_v = _resolve_bias(bias)
-    left, right = _resolve_window(window, causal)
+    q, k = tensor_arg(_NAME, "q", q), tensor_arg(_NAME, "k", k)
     return torch.ops.accel.sigmoid_attention_fwd(
-        q, k, v, None, None, None, q.shape[2], k.shape[2], _resolve_scale(scale, q.shape[-1]), bias_t, bias_v,
-        bool(causal), left, right, alibi_slopes)
+        q, k, v, None, None, None, size(q, 2), size(k, 2), *_options(q, bias, scale, causal, window, alibi_slopes))
 
 
 def sigmoid_attention_varlen(
@@ -160,21 +154,15 @@ def sigmoid_attention_varlen(
     (``cu_seqlens_*`` int32 ``(B + 1,)``, starting at 0, non-decreasing). ``max_seqlen_*`` bound the
     lengths. The default bias is ``-log(len_k)`` of each sequence. Returns ``(total_q, H_q, D)``.
     """
-    _check_tensor("q", q, 3, "(total_q, H_q, D)")
-    _check_tensor("k", k, 3, "(total_k, H_kv, D)")
-    _check_tensor("v", v, 3, "(total_k, H_kv, D)")
-    for name, cu in (("cu_seqlens_q", cu_seqlens_q), ("cu_seqlens_k", cu_seqlens_k)):
-        _check_tensor(name, cu, 1, "(B + 1,)")
-        if cu.dtype != torch.int32:
-            raise ValueError(f"{_NAME}: {name} must be int32, got {cu.dtype}")
+    q, k = tensor_arg(_NAME, "q", q), tensor_arg(_NAME, "k", k)
+    cu_seqlens_q = tensor_arg(_NAME, "cu_seqlens_q", cu_seqlens_q)
+    cu_seqlens_k = tensor_arg(_NAME, "cu_seqlens_k", cu_seqlens_k)
     if cu_seqlens_q.is_cuda and not torch.compiler.is_compiling() and not torch.cuda.is_current_stream_capturing():
         _check_cu_seqlens_values(cu_seqlens_q, q.shape[0], max_seqlen_q, "cu_seqlens_q")
         _check_cu_seqlens_values(cu_seqlens_k, k.shape[0], max_seqlen_k, "cu_seqlens_k")
-    bias_t, bias_v = _resolve_bias(bias)
-    left, right = _resolve_window(window, causal)
     return torch.ops.accel.sigmoid_attention_fwd(
-        q, k, v, cu_seqlens_q, cu_seqlens_k, None, int(max_seqlen_q), int(max_seqlen_k),
-        _resolve_scale(scale, q.shape[-1]), bias_t, bias_v, bool(causal), left, right, alibi_slopes)
+        q, k, v, cu_seqlens_q, cu_seqlens_k, None, int_arg(_NAME, "max_seqlen_q", max_seqlen_q),
+        int_arg(_NAME, "max_seqlen_k", max_seqlen_k), *_options(q, bias, scale, causal, window, alibi_slopes))
 
 
 def _check_cu_seqlens_values(cu: Tensor, total: int, max_len: int, name: str) -> None:
@@ -217,65 +205,23 @@ def sigmoid_attention_kvcache(
     Returns:
         ``(B, H_q, L_new, D)``. Batch ``b`` attends to its first ``cache_seqlens[b] + L_new`` keys (``+ 0``
         without ``k_new``); the default bias is ``-log`` of that length. ``cache_seqlens`` is not updated.
+
+    The append is ``accel::kv_cache_append`` (its schema declares the in-place writes, so the step
+    compiles with ``torch.compile(fullgraph=True)``). On CUDA nothing is read back to the host, so the
+    step can be captured in a CUDA graph: a row whose new tokens do not fit (``cache_seqlens[b] < 0`` or
+    ``cache_seqlens[b] + L_new > L_max``) is left unwritten and attends over its keys clamped to
+    ``[0, L_max]``; on the CPU such a row is an error.
     """
-    _check_tensor("q", q, 4, "(B, H_q, L_new, D)")
-    _check_tensor("k_cache", k_cache, 4, "(B, H_kv, L_max, D)")
-    _check_tensor("v_cache", v_cache, 4, "(B, H_kv, L_max, D)")
-    _check_tensor("cache_seqlens", cache_seqlens, 1, "(B,)")
-    if cache_seqlens.dtype != torch.int32:
-        raise ValueError(f"{_NAME}: cache_seqlens must be int32, got {cache_seqlens.dtype}")
+    q, k_cache = tensor_arg(_NAME, "q", q), tensor_arg(_NAME, "k_cache", k_cache)
     if (k_new is None) != (v_new is None):
         raise ValueError(f"{_NAME}: k_new and v_new must be given together")
     seqused = cache_seqlens
     if k_new is not None:
-        _check_tensor("k_new", k_new, 4, "(B, H_kv, L_new, D)")
-        _check_tensor("v_new", v_new, 4, "(B, H_kv, L_new, D)")
-        B, hkv, lmax, d = k_cache.shape
-        n_new = k_new.shape[2]
-        if k_new.shape != (B, hkv, n_new, d) or v_new.shape != k_new.shape:
-            raise ValueError(f"{_NAME}: k_new and v_new must have shape (B, H_kv, L_new, D) = ({B}, {hkv}, L_new, {d}) "
-                             f"to match the cache, got {tuple(k_new.shape)} and {tuple(v_new.shape)}")
-        if v_cache.shape != k_cache.shape:
-            raise ValueError(f"{_NAME}: k_cache and v_cache shapes differ: {tuple(k_cache.shape)} vs {tuple(v_cache.shape)}")
-        for name, t in (("k_new", k_new), ("v_new", v_new), ("v_cache", v_cache)):
-            if t.dtype != k_cache.dtype or t.device != k_cache.device:
-                raise ValueError(f"{_NAME}: {name} must have k_cache's dtype and device ({k_cache.dtype}, "
-                                 f"{k_cache.device}), got {t.dtype}, {t.device}")
-        if cache_seqlens.shape[0] != B or cache_seqlens.device != k_cache.device:
-            raise ValueError(f"{_NAME}: cache_seqlens must be a ({B},) tensor on {k_cache.device}, got "
-                             f"{tuple(cache_seqlens.shape)} on {cache_seqlens.device}")
-        if n_new > lmax:
-            raise ValueError(f"{_NAME}: cannot append {n_new} tokens to a cache of length {lmax}")
-        _check_cache_lengths(cache_seqlens, n_new, lmax)
-        if n_new:
-            idx = (cache_seqlens.to(torch.int64).unsqueeze(1)
-                   + torch.arange(n_new, device=k_cache.device)).view(B, 1, n_new, 1).expand(B, hkv, n_new, d)
-            k_cache.scatter_(2, idx, k_new)
-            v_cache.scatter_(2, idx, v_new)
-        seqused = cache_seqlens + n_new
-    elif cache_seqlens.is_cuda:
-        # the CPU kernel checks seqused_k itself; the CUDA kernels trust it
-        _check_cache_lengths(cache_seqlens, 0, k_cache.shape[2])
-    bias_t, bias_v = _resolve_bias(bias)
-    left, right = _resolve_window(window, causal)
+        torch.ops.accel.kv_cache_append(k_cache, v_cache, k_new, v_new, cache_seqlens)
+        seqused = cache_seqlens + k_new.shape[2]
     return torch.ops.accel.sigmoid_attention_fwd(
-        q, k_cache, v_cache, None, None, seqused, q.shape[2], k_cache.shape[2], _resolve_scale(scale, q.shape[-1]),
-        bias_t, bias_v, bool(causal), left, right, alibi_slopes)
-
-
-def _check_cache_lengths(cache_seqlens: Tensor, n_new: int, lmax: int) -> None:
-    """``0 <= cache_seqlens[b]`` and ``cache_seqlens[b] + n_new <= lmax``, read with one host sync.
-
-    Skipped while compiling or capturing a CUDA graph (the values are not readable there).
-    """
-    if torch.compiler.is_compiling() or cache_seqlens.numel() == 0:
-        return
-    if cache_seqlens.is_cuda and torch.cuda.is_current_stream_capturing():
-        return
-    low, top = torch.stack([cache_seqlens.min(), cache_seqlens.max()]).tolist()
-    if low < 0 or top + n_new > lmax:
-        raise ValueError(f"{_NAME}: the cache is too small: cache_seqlens up to {top} plus {n_new} new tokens "
-                         f"exceed its length {lmax} (or a cache_seqlens entry is negative: min {low})")
+        q, k_cache, v_cache, None, None, seqused, size(q, 2), size(k_cache, 2),
+        *_options(q, bias, scale, causal, window, alibi_slopes))
 
 
 # ---------------------------------------------------------------- fake (meta) implementations
@@ -283,16 +229,18 @@ def _check_cache_lengths(cache_seqlens: Tensor, n_new: int, lmax: int) -> None:
 @torch.library.register_fake("accel::sigmoid_attention_fwd")
 def _fwd_fake(q, k, v, cu_seqlens_q, cu_seqlens_k, seqused_k, max_seqlen_q, max_seqlen_k, scale, bias, bias_value,
               causal, window_left, window_right, alibi_slopes):
-    torch._check(q.dtype == k.dtype and q.dtype == v.dtype, lambda: f"{_NAME}: q, k and v dtypes must match")
-    torch._check(q.shape[-1] == k.shape[-1] and q.shape[-1] == v.shape[-1], lambda: f"{_NAME}: head dims must match")
-    torch._check(q.dim() in (3, 4), lambda: f"{_NAME}: q must be 4-D (dense) or 3-D (varlen)")
     return q.new_empty(q.shape)
 
 
 @torch.library.register_fake("accel::sigmoid_attention_bwd")
 def _bwd_fake(grad_out, q, k, v, cu_seqlens_q, cu_seqlens_k, seqused_k, max_seqlen_q, max_seqlen_k, scale, bias,
               bias_value, causal, window_left, window_right, alibi_slopes):
-    return q.new_empty(q.shape), k.new_empty(k.shape), v.new_empty(v.shape)
+    return fake_grad(q, True), fake_grad(k, True), fake_grad(v, True)
+
+
+@torch.library.register_fake("accel::kv_cache_append")
+def _append_fake(k_cache, v_cache, k_new, v_new, cache_seqlens):
+    return None  # writes its first two arguments in place, as the schema declares
 
 
 # ---------------------------------------------------------------- autograd
@@ -312,8 +260,7 @@ def _backward(ctx, grad_out):
         grad_out = grad_out.contiguous()
     dq, dk, dv = torch.ops.accel.sigmoid_attention_bwd(
         grad_out, q, k, v, cu_q, cu_k, seqused, max_q, max_k, scale, bias, bias_value, causal, left, right, alibi)
-    need = ctx.needs_input_grad
-    return (dq if need[0] else None, dk if need[1] else None, dv if need[2] else None) + (None,) * 12
+    return grads_for(ctx.needs_input_grad, (dq, dk, dv), 15)
 
 
 torch.library.register_autograd("accel::sigmoid_attention_fwd", _backward, setup_context=_setup_context)

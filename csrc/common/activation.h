@@ -16,7 +16,7 @@ inline Activation parse_activation(const std::string& name, const char* op) {
   if (name == "relu") return Activation::Relu;
   if (name == "gelu") return Activation::Gelu;
   if (name == "silu") return Activation::Silu;
-  TORCH_CHECK(false, op, ": activation must be one of 'none', 'relu', 'gelu', 'silu', got '", name, "'");
+  TORCH_CHECK_VALUE(false, op, ": activation must be one of 'none', 'relu', 'gelu', 'silu', got '", name, "'");
 }
 
 // erf by Abramowitz & Stegun 7.1.26, the CPU epilogues' fp32 erf (|error| <= 1.5e-7): for x >= 0,

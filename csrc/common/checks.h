@@ -1,5 +1,7 @@
 // Input checks shared by every op. Messages name the op, the argument, what was expected and
-// what was given, so that a user can fix the call without reading the source.
+// what was given, so that a user can fix the call without reading the source. A wrong dtype
+// raises TypeError in Python (TORCH_CHECK_TYPE), any other bad argument ValueError
+// (TORCH_CHECK_VALUE), the same types the Python wrappers raise for their own arguments.
 #pragma once
 
 #include <ATen/core/Tensor.h>
@@ -17,24 +19,30 @@ inline std::string shape_str(const at::Tensor& t) {
 }
 
 inline void check_dim(const char* op, const char* name, const at::Tensor& t, int64_t dim, const char* layout) {
-  TORCH_CHECK(t.dim() == dim, op, ": ", name, " must be ", dim, "-D ", layout, ", got shape ", shape_str(t));
+  TORCH_CHECK_VALUE(t.dim() == dim, op, ": ", name, " must be ", dim, "-D ", layout, ", got shape ", shape_str(t));
 }
 
 inline void check_same_dtype(const char* op, const char* name, const at::Tensor& t, const at::Tensor& ref,
                              const char* ref_name) {
-  TORCH_CHECK(t.scalar_type() == ref.scalar_type(), op, ": ", name, " has dtype ", t.scalar_type(), " but ",
-              ref_name, " has dtype ", ref.scalar_type(), "; they must match");
+  TORCH_CHECK_TYPE(t.scalar_type() == ref.scalar_type(), op, ": ", name, " has dtype ", t.scalar_type(), " but ",
+                   ref_name, " has dtype ", ref.scalar_type(), "; they must match");
 }
 
 inline void check_same_device(const char* op, const char* name, const at::Tensor& t, const at::Tensor& ref,
                               const char* ref_name) {
-  TORCH_CHECK(t.device() == ref.device(), op, ": ", name, " is on ", t.device(), " but ", ref_name, " is on ",
-              ref.device(), "; they must be on the same device");
+  TORCH_CHECK_VALUE(t.device() == ref.device(), op, ": ", name, " is on ", t.device(), " but ", ref_name, " is on ",
+                    ref.device(), "; they must be on the same device");
 }
 
 inline void check_floating(const char* op, const char* name, const at::Tensor& t) {
-  TORCH_CHECK(at::isFloatingType(t.scalar_type()), op, ": ", name,
-              " must be a floating-point tensor (float32, float64, bfloat16, float16), got ", t.scalar_type());
+  TORCH_CHECK_TYPE(at::isFloatingType(t.scalar_type()), op, ": ", name,
+                   " must be a floating-point tensor (float32, float64, bfloat16, float16), got ", t.scalar_type());
+}
+
+// `want_name` spells the dtype as users write it ("int32"), not as c10 prints it ("Int").
+inline void check_dtype(const char* op, const char* name, const at::Tensor& t, at::ScalarType want,
+                        const char* want_name) {
+  TORCH_CHECK_TYPE(t.scalar_type() == want, op, ": ", name, " must be ", want_name, ", got ", t.scalar_type());
 }
 
 }  // namespace accel

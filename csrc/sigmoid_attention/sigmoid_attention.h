@@ -63,4 +63,18 @@ Problem make_problem(const at::Tensor& q, const at::Tensor& k, const at::Tensor&
 // Checks grad_out against the forward output's shape (same as q), dtype and device.
 void check_grad_out(const at::Tensor& grad_out, const at::Tensor& q);
 
+// accel::kv_cache_append writes k_new/v_new (B, H_kv, L_new, D) into rows
+// [cache_seqlens[b], cache_seqlens[b] + L_new) of k_cache/v_cache (B, H_kv, L_max, D), in place.
+// A batch entry whose rows do not fit is an error on the CPU; on CUDA the lengths stay on the
+// device (no host sync, CUDA-graph safe) and such an entry is skipped, never written out of bounds.
+constexpr const char* kAppendOp = "kv_cache_append";
+
+struct AppendGeometry {
+  int64_t batch = 0, heads = 0, new_len = 0, max_len = 0, head_dim = 0;
+};
+
+// Validates shapes, dtypes and devices (and, for a CPU cache_seqlens, that every row fits).
+AppendGeometry check_kv_cache_append(const at::Tensor& k_cache, const at::Tensor& v_cache, const at::Tensor& k_new,
+                                     const at::Tensor& v_new, const at::Tensor& cache_seqlens);
+
 }  // namespace accel::sigmoid_attention
