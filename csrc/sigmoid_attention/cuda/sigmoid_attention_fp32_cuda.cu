@@ -266,11 +266,11 @@ cudaError_t run_bwd_fp32(const Params& p, cudaStream_t stream) {
 TileShape fwd_tile_shape(int bucket) {
   using namespace detail;
   switch (bucket) {
-#define ACCEL_FWD_SHAPE(D) \
+#define FWD_SHAPE_CASE(D) \
   case D: return {FwdConfig<D>::kBlockM, FwdConfig<D>::kBlockN, FwdConfig<D>::kThreads, FwdConfig<D>::kSmemBytes};
-    ACCEL_FWD_SHAPE(32) ACCEL_FWD_SHAPE(64) ACCEL_FWD_SHAPE(96) ACCEL_FWD_SHAPE(128)
-    ACCEL_FWD_SHAPE(160) ACCEL_FWD_SHAPE(192) ACCEL_FWD_SHAPE(224) ACCEL_FWD_SHAPE(256)
-#undef ACCEL_FWD_SHAPE
+    FWD_SHAPE_CASE(32) FWD_SHAPE_CASE(64) FWD_SHAPE_CASE(96) FWD_SHAPE_CASE(128)
+    FWD_SHAPE_CASE(160) FWD_SHAPE_CASE(192) FWD_SHAPE_CASE(224) FWD_SHAPE_CASE(256)
+#undef FWD_SHAPE_CASE
     default: return {0, 0, 0, 0};
   }
 }
@@ -278,11 +278,11 @@ TileShape fwd_tile_shape(int bucket) {
 TileShape bwd_tile_shape(int bucket) {
   using namespace detail;
   switch (bucket) {
-#define ACCEL_BWD_SHAPE(D) \
+#define BWD_SHAPE_CASE(D) \
   case D: return {BwdConfig<D>::kBlockM, BwdConfig<D>::kBlockN, BwdConfig<D>::kThreads, BwdConfig<D>::kSmemBytes};
-    ACCEL_BWD_SHAPE(32) ACCEL_BWD_SHAPE(64) ACCEL_BWD_SHAPE(96) ACCEL_BWD_SHAPE(128)
-    ACCEL_BWD_SHAPE(160) ACCEL_BWD_SHAPE(192) ACCEL_BWD_SHAPE(224) ACCEL_BWD_SHAPE(256)
-#undef ACCEL_BWD_SHAPE
+    BWD_SHAPE_CASE(32) BWD_SHAPE_CASE(64) BWD_SHAPE_CASE(96) BWD_SHAPE_CASE(128)
+    BWD_SHAPE_CASE(160) BWD_SHAPE_CASE(192) BWD_SHAPE_CASE(224) BWD_SHAPE_CASE(256)
+#undef BWD_SHAPE_CASE
     default: return {0, 0, 0, 0};
   }
 }
