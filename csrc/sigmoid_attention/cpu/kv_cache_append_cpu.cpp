@@ -14,8 +14,9 @@
 namespace accel::sigmoid_attention {
 namespace {
 
-// A task copies at least this many bytes, so that a decode step (a few rows) stays on one thread.
-constexpr int64_t kMinBytesPerTask = 32 * 1024;
+// A task copies at least this many bytes: waking threads costs more than copying a decode step's
+// rows, so only prefill-sized appends run in parallel.
+constexpr int64_t kMinBytesPerTask = 1024 * 1024;
 
 // Byte view of a (B, H, L, D) tensor: base pointer and byte strides.
 struct Rows {
