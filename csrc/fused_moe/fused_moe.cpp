@@ -4,6 +4,8 @@
 
 #include <torch/library.h>
 
+#include <utility>
+
 #include "common/checks.h"
 
 namespace accel::fused_moe {
@@ -81,6 +83,27 @@ void check_route(const at::Tensor& router_logits, int64_t top_k) {
                     shape_str(router_logits));
   TORCH_CHECK_VALUE(top_k >= 1 && top_k <= experts, kRouteOp, ": top_k must be in [1, E] = [1, ", experts, "], got ",
                     top_k);
+}
+
+Scoring check_route_backward(const at::Tensor& grad_weights, const at::Tensor& router_logits,
+                             const at::Tensor& topk_weights, const at::Tensor& topk_ids, c10::string_view scoring) {
+  check_dim(kRouteOp, "topk_ids", topk_ids, 2, "(T, k)");
+  check_route(router_logits, topk_ids.size(1));
+  const int64_t tokens = router_logits.size(0);
+  TORCH_CHECK_VALUE(topk_ids.size(0) == tokens, kRouteOp, ": topk_ids must have shape (T, k) with T = ", tokens,
+                    ", got ", shape_str(topk_ids));
+  TORCH_CHECK_VALUE(grad_weights.sizes() == topk_ids.sizes() && topk_weights.sizes() == topk_ids.sizes(), kRouteOp,
+                    ": grad_weights ", shape_str(grad_weights), ", topk_weights ", shape_str(topk_weights),
+                    " and topk_ids ", shape_str(topk_ids), " must all have shape (T, k)");
+  check_floating(kRouteOp, "grad_weights", grad_weights);
+  check_floating(kRouteOp, "topk_weights", topk_weights);
+  TORCH_CHECK_TYPE(topk_ids.scalar_type() == at::kLong || topk_ids.scalar_type() == at::kInt, kRouteOp,
+                   ": topk_ids must be int64 or int32, got ", topk_ids.scalar_type());
+  for (const auto& [name, t] : {std::pair<const char*, const at::Tensor&>{"grad_weights", grad_weights},
+                                {"topk_weights", topk_weights}, {"topk_ids", topk_ids}}) {
+    check_same_device(kRouteOp, name, t, router_logits, "router_logits");
+  }
+  return parse_scoring(std::string(scoring));
 }
 
 }  // namespace accel::fused_moe

@@ -59,4 +59,9 @@ Geometry check_backward(const at::Tensor& grad_out, const at::Tensor& hidden, co
 
 void check_route(const at::Tensor& router_logits, int64_t top_k);
 
+// Checks the arguments of accel::moe_route_backward (shapes (T, k), dtypes, devices, scoring) and
+// returns the scoring; both backends call it before reading any value.
+Scoring check_route_backward(const at::Tensor& grad_weights, const at::Tensor& router_logits,
+                             const at::Tensor& topk_weights, const at::Tensor& topk_ids, c10::string_view scoring);
+
 }  // namespace accel::fused_moe

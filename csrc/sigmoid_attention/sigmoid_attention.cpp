@@ -18,8 +18,8 @@ void check_last_dim_contiguous(const char* name, const at::Tensor& t) {
                     " must be contiguous in its last (head) dimension, got strides ", t.strides());
 }
 
-// Host-side checks of a CPU cu_seqlens tensor: starts at 0, non-decreasing, ends within the
-// packed length, and no sequence is longer than the given maximum.
+}  // namespace
+
 void check_cu_seqlens_values(const char* name, const at::Tensor& cu, int64_t total, int64_t max_len) {
   const int32_t* p = cu.data_ptr<int32_t>();
   const int64_t n = cu.size(0);
@@ -33,8 +33,6 @@ void check_cu_seqlens_values(const char* name, const at::Tensor& cu, int64_t tot
   TORCH_CHECK_VALUE(p[n - 1] <= total, kOp, ": ", name, "[-1] = ", p[n - 1], " is beyond the ", total,
                     " packed rows of the tensor");
 }
-
-}  // namespace
 
 Problem make_problem(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
                      const c10::optional<at::Tensor>& cu_seqlens_q, const c10::optional<at::Tensor>& cu_seqlens_k,

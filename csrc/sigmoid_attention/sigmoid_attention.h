@@ -60,6 +60,11 @@ Problem make_problem(const at::Tensor& q, const at::Tensor& k, const at::Tensor&
                      bool causal, int64_t window_left, int64_t window_right,
                      const c10::optional<at::Tensor>& alibi_slopes, std::vector<at::Tensor>& keep);
 
+// The values of a host (CPU) cu_seqlens tensor: starts at 0, non-decreasing, ends within the
+// packed length `total`, and no sequence is longer than `max_len`. make_problem runs it for CPU
+// tensors; the CUDA forward on a host copy (the kernels trust these values).
+void check_cu_seqlens_values(const char* name, const at::Tensor& cu, int64_t total, int64_t max_len);
+
 // Checks grad_out against the forward output's shape (same as q), dtype and device.
 void check_grad_out(const at::Tensor& grad_out, const at::Tensor& q);
 

@@ -160,16 +160,13 @@ void route_backward_impl(const acc_t* gp, const acc_t* lp, const int64_t* ip, in
 
 at::Tensor moe_route_backward_cpu(const at::Tensor& grad_w, const at::Tensor& logits, const at::Tensor& w,
                                   const at::Tensor& ids_, bool renormalize, c10::string_view scoring) {
-  check_dim(kRouteOp, "topk_ids", ids_, 2, "(T, k)");
-  check_route(logits, ids_.size(1));
-  const Scoring sc = parse_scoring(std::string(scoring));
+  const Scoring sc = check_route_backward(grad_w, logits, w, ids_, scoring);
   const int64_t T = logits.size(0), E = logits.size(1), k = ids_.size(1);
-  TORCH_CHECK(ids_.size(0) == T && grad_w.sizes() == ids_.sizes() && w.sizes() == ids_.sizes(), kRouteOp,
-              ": grad_weights, topk_weights and topk_ids must all be (T, k) = (", T, ", ", k, ")");
   const at::Tensor ids = ids_.to(at::kLong).contiguous();
   if (ids.numel() > 0) {
     const int64_t lo = ids.min().item<int64_t>(), hi = ids.max().item<int64_t>();
-    TORCH_CHECK(lo >= 0 && hi < E, kRouteOp, ": topk_ids must be in [0, E) = [0, ", E, "), found ", lo < 0 ? lo : hi);
+    TORCH_CHECK_VALUE(lo >= 0 && hi < E, kRouteOp, ": topk_ids must be in [0, E) = [0, ", E, "), found ",
+                      lo < 0 ? lo : hi);
   }
   const at::ScalarType acc = route_weight_type(logits);
   const at::Tensor gw = grad_w.to(acc).contiguous(), lg = logits.to(acc).contiguous();

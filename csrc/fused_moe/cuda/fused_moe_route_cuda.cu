@@ -209,23 +209,8 @@ std::tuple<at::Tensor, at::Tensor> moe_route_cuda(const at::Tensor& router_logit
 at::Tensor moe_route_backward_cuda(const at::Tensor& grad_weights, const at::Tensor& router_logits,
                                    const at::Tensor& topk_weights, const at::Tensor& topk_ids, bool renormalize,
                                    c10::string_view scoring) {
-  check_dim(kRouteOp, "topk_ids", topk_ids, 2, "(T, k)");
-  check_route(router_logits, topk_ids.size(1));
-  const Scoring sc = parse_scoring(std::string(scoring));
+  const Scoring sc = check_route_backward(grad_weights, router_logits, topk_weights, topk_ids, scoring);
   const int64_t tokens = router_logits.size(0), top_k = topk_ids.size(1);
-  TORCH_CHECK(topk_ids.size(0) == tokens, kRouteOp, ": topk_ids must have shape (T, k) with T = ", tokens,
-              ", got ", shape_str(topk_ids));
-  TORCH_CHECK(grad_weights.sizes() == topk_ids.sizes() && topk_weights.sizes() == topk_ids.sizes(), kRouteOp,
-              ": grad_weights ", shape_str(grad_weights), ", topk_weights ", shape_str(topk_weights),
-              " and topk_ids ", shape_str(topk_ids), " must all have shape (T, k)");
-  check_floating(kRouteOp, "grad_weights", grad_weights);
-  check_floating(kRouteOp, "topk_weights", topk_weights);
-  TORCH_CHECK(topk_ids.scalar_type() == at::kLong || topk_ids.scalar_type() == at::kInt, kRouteOp,
-              ": topk_ids must be int64 or int32, got ", topk_ids.scalar_type());
-  for (const auto& [name, t] : {std::pair<const char*, const at::Tensor&>{"grad_weights", grad_weights},
-                                {"topk_weights", topk_weights}, {"topk_ids", topk_ids}}) {
-    check_same_device(kRouteOp, name, t, router_logits, "router_logits");
-  }
   c10::cuda::CUDAGuard guard(router_logits.device());
   const at::Tensor logits = router_logits.contiguous();
   // the maths in float32, float64 for float64 logits (as the forward)

@@ -10,6 +10,7 @@
 #include <ATen/ops/empty.h>
 #include <ATen/ops/zeros.h>
 #include <c10/cuda/CUDAException.h>
+#include <c10/cuda/CUDAGraphsC10Utils.h>
 #include <c10/cuda/CUDAGuard.h>
 #include <torch/library.h>
 
@@ -135,6 +136,12 @@ at::Tensor sigmoid_attention_fwd_cuda(const at::Tensor& q, const at::Tensor& k, 
   const Problem pr = make_problem(q, k, v, cu_seqlens_q, cu_seqlens_k, seqused_k, max_seqlen_q, max_seqlen_k, scale,
                                   bias, bias_value, causal, window_left, window_right, alibi_slopes, keep);
   check_supported(q, pr);
+  // The kernels trust cu_seqlens: check its values on a host copy, except while a CUDA graph is
+  // captured (no copy to the host is allowed there).
+  if (pr.varlen && c10::cuda::currentStreamCaptureStatusMayInitCtx() == c10::cuda::CaptureStatus::None) {
+    check_cu_seqlens_values("cu_seqlens_q", cu_seqlens_q->cpu(), q.size(0), max_seqlen_q);
+    check_cu_seqlens_values("cu_seqlens_k", cu_seqlens_k->cpu(), k.size(0), max_seqlen_k);
+  }
 
   // Varlen rows outside every sequence are never visited by a CTA: start from zeros.
   at::Tensor out = pr.varlen ? at::zeros(q.sizes(), q.options()) : at::empty(q.sizes(), q.options());
