@@ -24,7 +24,8 @@ def ratios(paths: List[str]) -> Tuple[Dict[Key, float], str]:
     for path in paths:
         with open(path) as f:
             data = json.load(f)
-        cpu = data.get("machine", {}).get("cpu", cpu)
+        machine = data.get("machine", {})
+        cpu = machine.get("gpu") or machine.get("cpu_model") or cpu
         for res in data["results"]:
             for peer, ratio in (res.get("ratios") or {}).items():
                 if ratio:
@@ -45,7 +46,7 @@ def main(argv=None) -> int:
     after_files = [a for a in raw[split + 1:] if not a.startswith("--")]
     before, cpu = ratios(before_files)
     after, _ = ratios(after_files)
-    print(f"CPU/GPU: {cpu}; before: {len(before_files)} run(s), after: {len(after_files)} run(s)")
+    print(f"device: {cpu}; before: {len(before_files)} run(s), after: {len(after_files)} run(s)")
     print(f"{'group':<40} {'case':<26} {'mode':<7} {'peer':<18} {'before':>7} {'after':>7} {'change':>7}")
     worst = 0.0
     for key in sorted(set(before) & set(after)):

@@ -132,8 +132,8 @@ def arch_runs_on(arch: str, capability: Tuple[int, int]) -> bool:
 
 def gpu_has_kernel_image(device: Optional[torch.device] = None) -> Tuple[bool, str]:
     """Whether the build holds code this GPU can run, and a sentence saying which."""
-    index = torch.device(device).index if device is not None and torch.device(device).index is not None else 0
-    cap = torch.cuda.get_device_capability(index)
+    index = torch.device(device).index if device is not None else None
+    cap = torch.cuda.get_device_capability(torch.cuda.current_device() if index is None else index)
     archs = built_cuda_archs()
     usable = [a for a in archs if arch_runs_on(a, cap)]
     cc = f"{cap[0]}.{cap[1]}"
