@@ -27,7 +27,8 @@ def kernel_table() -> dict:
             row[f"{dev}_dtypes"] = dtypes_text(cap.dtypes.get(dev, ()))
         row["cuda_min_arch"] = {dtypes_text([d]): f"{a // 10}.{a % 10}" for d, a in cap.cuda_min_arch.items()}
         if gpu is not None and row["cuda"]:
-            row["gpu"] = cap.unsupported_reason(torch.device("cuda")) or "ok"
+            reasons = {cap.unsupported_reason(torch.device("cuda"), d) for d in cap.dtypes.get("cuda", ())} - {None}
+            row["gpu"] = "; ".join(sorted(reasons)) or "ok"
         table[name] = row
     data_gpu = None if gpu is None else {"runs": gpu[0], "detail": gpu[1]}
     return {"ops": table, "gpu_kernel_image": data_gpu}

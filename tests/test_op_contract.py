@@ -211,3 +211,28 @@ def test_example_gradcheck_fp64(name, index):
         return tuple(t for t in _tensors(example.fn(*args, **kwargs)) if t.is_floating_point())
 
     assert torch.autograd.gradcheck(fn, tuple(flat[i] for i in positions), fast_mode=True)
+
+
+# --------------------------------------------------------------------------- accel.info
+
+def test_info_prints_every_record():
+    from accel._info import format_info, info
+
+    data = info(print_it=False)
+    text = format_info(data)
+    assert set(data["kernels"]) == set(CAPS)
+    for name, cap in CAPS.items():
+        assert name in text and all(k in text for k in cap.limits)
+    if not data["built_with_cuda"]:
+        assert "CUDA kernels: absent" in text
+
+
+def test_info_warns_when_the_gpu_has_no_kernel(monkeypatch):
+    from accel._info import format_info, info
+
+    data = info(print_it=False)
+    data["built_with_cuda"] = True
+    data["gpu_kernel_image"] = {"runs": False, "detail": "compute capability 7.5 has no kernel in this build"}
+    text = format_info(data)
+    assert "WARNING: this GPU cannot run accel's CUDA kernels: compute capability 7.5" in text
+    assert "CUDA kernels: absent" not in text
