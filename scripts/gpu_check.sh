@@ -74,8 +74,9 @@ if ! skip bench; then
   # every op's benchmark group, from the capability records: accel vs SDPA's flash backend, cuDNN,
   # grouped_mm, ... in bf16
   groups=$($PY -c "from accel.ops import capabilities; print(' '.join(c.bench for c in capabilities().values() if c.bench))")
+  [ -n "$groups" ] || { say "ERROR: no benchmark group found (accel.ops failed to import)"; test_rc=1; }
   for group in $groups; do
-    timeout ${BENCH_TIMEOUT:-150} $PY -m accel.bench "$group" --device cuda --dtype bfloat16 --budget ${BENCH_BUDGET:-0.5} \
+    timeout ${BENCH_TIMEOUT:-200} $PY -m accel.bench "$group" --device cuda --dtype bfloat16 --budget ${BENCH_BUDGET:-0.5} \
       --json "$OUT/bench_${group}_cuda_bf16.json" 2>&1 | tee -a "$log"
   done
 fi

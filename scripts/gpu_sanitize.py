@@ -1,7 +1,8 @@
 """Small launches of every CUDA kernel, meant to run under ``compute-sanitizer`` (memcheck).
 
 Every op's capability record lists examples on odd shapes (odd head dims, ragged lengths, GQA,
-options on); each runs forward and backward in every CUDA dtype the record declares, so
+options on) and, for the sanitizer, larger edge cases (every head-dim bucket, multi-tile lengths,
+empty inputs, a full cache); each runs forward and backward in every CUDA dtype the record declares, so
 out-of-bounds reads or writes and misaligned accesses show up in the sanitizer's report. Run from
 the repository root after a CUDA build:
 
@@ -21,7 +22,8 @@ DEV = torch.device("cuda")
 def run(name: str) -> None:
     cap = capabilities()[name]
     for dtype in cap.dtypes.get("cuda", ()):
-        for example in cap.examples(DEV, dtype):
+        extra = cap.sanitize_examples(DEV, dtype) if cap.sanitize_examples else []
+        for example in cap.examples(DEV, dtype) + extra:
             out = example()
             outs = out if isinstance(out, tuple) else (out,)
             grads = [t for t in outs if isinstance(t, torch.Tensor) and t.requires_grad]

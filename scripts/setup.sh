@@ -60,6 +60,7 @@ if [ "$rc" -ne 0 ] || ! $PY -c "import accel._C" 2>/dev/null; then
 fi
 echo "[setup] build took $((SECONDS - start)) s; $warnings compiler warnings (see $log)"
 # First-party plugins are separate distributions, discovered through the accel.plugins entry point.
-$PY -m pip install -q -e ./plugins/transformers --no-deps --no-build-isolation
+$PY -m pip install -q -e ./plugins/transformers --no-deps --no-build-isolation >>"$log" 2>&1 \
+  || { echo "[setup] installing plugins/transformers failed; full log: $log"; tail -n 40 "$log"; exit 1; }
 $PY scripts/cuda_archs.py
 $PY -m accel.info

@@ -533,3 +533,14 @@ def test_wide_dense_dilated_conv_is_skipped_with_reason():
     reasons = {e.path: e.reason for e in report.skipped}
     assert "64 input channels per group > 16" in reasons["0"]
     accel.unpatch(model)
+
+
+def test_patch_a_model_built_on_meta():
+    """Build on meta, patch, then materialise: the fake kernels make meta a supported device."""
+    model = nn.Sequential(nn.Conv1d(8, 8, 3, dilation=2, groups=8, padding=2, device="meta"))
+    report = accel.patch(model)
+    assert [e.path for e in report.replaced] == ["0"]
+    model = model.to_empty(device="cpu")
+    assert model(torch.randn(1, 8, 16)).shape == (1, 8, 16)
+    assert accel.ops.capability("dilated_conv1d").unsupported_reason(torch.device("meta"), torch.int8) == \
+        "dtype int8 has no dilated_conv1d kernel on any device"

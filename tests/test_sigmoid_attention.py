@@ -489,3 +489,15 @@ def test_avx2_path_matches(tmp_path):
 
 def test_info_lists_the_op():
     assert accel.info(print_it=False)["kernels"]["sigmoid_attention"]["cpu"] is True
+
+
+def test_varlen_lengths_may_be_numpy_or_tensor_ints():
+    np = pytest.importorskip("numpy")
+    cu = torch.tensor([0, 3, 7], dtype=torch.int32)
+    q, k, v = (torch.randn(7, 2, 8) for _ in range(3))
+    want = sigmoid_attention_varlen(q, k, v, cu, cu, 4, 4)
+    torch.testing.assert_close(sigmoid_attention_varlen(q, k, v, cu, cu, np.int64(4), torch.tensor(4)), want)
+    with pytest.raises(TypeError, match="max_seqlen_q must be an int"):
+        sigmoid_attention_varlen(q, k, v, cu, cu, 4.0, 4)
+    with pytest.raises(TypeError, match="max_seqlen_k must be an int"):
+        sigmoid_attention_varlen(q, k, v, cu, cu, 4, True)

@@ -88,6 +88,10 @@ def parse_args(argv=None):
 
 
 def collect_cases(args) -> List[Case]:
+    if not OPS:
+        from accel import _ext
+
+        _ext.load()  # raises the "not built" error that says how to build accel
     names = args.ops or list(OPS)
     unknown = [n for n in names if n not in OPS]
     if unknown:

@@ -53,6 +53,9 @@ class Capability:
     limits: Mapping[str, str] = field(default_factory=dict)
     # dtype -> the lowest CUDA compute capability (major * 10 + minor) its kernels run on
     cuda_min_arch: Mapping[torch.dtype, int] = field(default_factory=dict)
+    # larger and edge-case shapes (every head-dim bucket, multi-tile lengths, empty inputs, a full
+    # cache) that scripts/gpu_sanitize.py runs under compute-sanitizer besides the examples
+    sanitize_examples: Optional[Callable[[torch.device, torch.dtype], List[Example]]] = None
 
     def __post_init__(self) -> None:
         if not self.functions or not self.ops:
@@ -67,7 +70,7 @@ class Capability:
 
     def has_kernels(self, device_type: str) -> bool:
         """Whether the loaded extension registered a kernel of every op of this record for the device type."""
-        key = {"cpu": "CPU", "cuda": "CUDA"}.get(device_type)
+        key = {"cpu": "CPU", "cuda": "CUDA", "meta": "Meta"}.get(device_type)
         if key is None:
             return False
         try:
@@ -83,6 +86,13 @@ class Capability:
             err = str(_ext.load_error()).strip().splitlines()
             return f"accel native extension not built: {err[0] if err else 'unknown error'}"
         device = torch.device(device)
+        if device.type == "meta":  # a model built on meta, patched before it is materialised
+            all_dtypes = {d for dtypes in self.dtypes.values() for d in dtypes}
+            if not self.has_kernels("meta"):
+                return f"{self.name} has no meta (fake) kernels"
+            if dtype is not None and dtype not in all_dtypes:
+                return f"dtype {_dtype_name(dtype)} has no {self.name} kernel on any device"
+            return None
         if device.type not in self.dtypes:
             return f"{self.name} has no kernels for device type {device.type}"
         if not self.has_kernels(device.type):
@@ -123,17 +133,16 @@ def arch_runs_on(arch: str, capability: Tuple[int, int]) -> bool:
     for any GPU of capability ``X.Y`` or newer.
     """
     major, minor = divmod(_arch_number(arch), 10)
+    if arch.endswith("a"):  # arch-specific machine code or PTX: that exact GPU generation only
+        return tuple(capability) == (major, minor)
     if arch.startswith("compute_"):
         return tuple(capability) >= (major, minor)
-    if arch.endswith("a"):
-        return tuple(capability) == (major, minor)
     return capability[0] == major and capability[1] >= minor
 
 
 def gpu_has_kernel_image(device: Optional[torch.device] = None) -> Tuple[bool, str]:
     """Whether the build holds code this GPU can run, and a sentence saying which."""
-    index = torch.device(device).index if device is not None else None
-    cap = torch.cuda.get_device_capability(torch.cuda.current_device() if index is None else index)
+    cap = torch.cuda.get_device_capability(device)  # None or an index-less device: the current one
     archs = built_cuda_archs()
     usable = [a for a in archs if arch_runs_on(a, cap)]
     cc = f"{cap[0]}.{cap[1]}"

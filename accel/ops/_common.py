@@ -7,6 +7,7 @@ fake kernels check only what they need to compute their outputs' shapes, with th
 """
 from __future__ import annotations
 
+import operator
 from typing import Optional
 
 import torch
@@ -21,11 +22,15 @@ def tensor_arg(op: str, name: str, t) -> Tensor:
 
 
 def int_arg(op: str, name: str, value) -> int:
-    """An int argument of the schema (a bool or a float would be silently converted or refused
-    with a dispatcher message that does not name the op); its range is checked natively."""
-    if isinstance(value, bool) or not isinstance(value, int):
+    """An int argument of the schema: anything with ``__index__`` (a Python or NumPy int, a 0-d
+    integer tensor, a SymInt), but not a bool or a float, which would be silently converted or
+    refused with a dispatcher message that does not name the op; its range is checked natively."""
+    if isinstance(value, bool) or isinstance(value, float):
         raise TypeError(f"{op}: {name} must be an int, got {value!r}")
-    return value
+    try:
+        return operator.index(value)
+    except TypeError:
+        raise TypeError(f"{op}: {name} must be an int, got {value!r}") from None
 
 
 def size(t: Tensor, dim: int, default: int = 0) -> int:

@@ -13,7 +13,6 @@ from accel.ops._common import fake_dims, fake_grad, grads_for, int_arg, size, te
 _ext.load()
 
 _NAME = "dilated_conv1d"
-ACTIVATIONS = ("none", "relu", "gelu", "silu")
 
 
 def _examples(device: torch.device, dtype: torch.dtype):
@@ -28,6 +27,16 @@ def _examples(device: torch.device, dtype: torch.dtype):
         Example("dense padding 3 relu, no bias", dilated_conv1d, (t(2, 3, 11), t(5, 3, 3)),
                 dict(padding=3, activation="relu")),
     ]
+
+
+def _sanitize_examples(device: torch.device, dtype: torch.dtype):
+    def t(*shape):
+        return torch.randn(*shape, device=device, dtype=dtype, requires_grad=True)
+
+    x = t(2, 37, 257)
+    return [Example("depthwise C37 L257 K5 d3", dilated_conv1d, (x, t(37, 1, 5), None), dict(dilation=3, groups=37)),
+            Example("dense C37->12 L257 same", dilated_conv1d, (x, t(12, 37, 3), None),
+                    dict(dilation=2, padding="same"))]
 
 
 _ALL_FLOATS = (torch.float32, torch.float64, torch.bfloat16, torch.float16)
@@ -45,6 +54,7 @@ CAPABILITY = Capability(
     limits={"kernel size": "any K >= 1", "dilation": ">= 1",
             "groups": "divides C_in and C_out (depthwise: groups = C_in)",
             "CUDA length": "L, L_out and (K-1)*dilation below 2^29"},
+    sanitize_examples=_sanitize_examples,
 )
 
 Padding = Union[str, int]

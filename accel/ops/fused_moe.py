@@ -18,8 +18,6 @@ from accel.ops._common import fake_dims, fake_grad, fake_same_device, grads_for,
 _ext.load()
 
 _NAME = "fused_moe"
-ACTIVATIONS = ("silu", "gelu", "relu", "none")
-SCORINGS = ("softmax", "sigmoid")
 
 
 def _examples(device: torch.device, dtype: torch.dtype):
@@ -40,6 +38,16 @@ def _examples(device: torch.device, dtype: torch.dtype):
     ]
 
 
+def _sanitize_examples(device: torch.device, dtype: torch.dtype):
+    def t(*shape, scale=1.0):
+        return (torch.randn(*shape, device=device, dtype=dtype) * scale).requires_grad_()
+
+    return [Example(f"T{T} E{E} H{H} I{I} top-{k}", fused_moe,
+                    (t(T, H), t(E, 2 * I, H, scale=H ** -0.5), t(E, H, I, scale=I ** -0.5)),
+                    dict(router_logits=t(T, E), top_k=k))
+            for T, E, H, I, k in [(0, 4, 64, 96, 2), (1, 8, 65, 33, 2), (37, 13, 130, 70, 4), (300, 4, 256, 128, 1)]]
+
+
 CAPABILITY = Capability(
     name="fused_moe",
     summary="top-k routing + grouped gated-MLP experts + weighted combine, tokens grouped by expert",
@@ -54,6 +62,7 @@ CAPABILITY = Capability(
     limits={"layout": "gate_up_proj (E, 2I, H), gate rows first; down_proj (E, H, I)",
             "top_k": "1 <= k <= E", "activation": "silu, gelu (erf), relu, none"},
     cuda_min_arch={torch.bfloat16: 80, torch.float16: 80},
+    sanitize_examples=_sanitize_examples,
 )
 
 

@@ -46,6 +46,25 @@ def _examples(device: torch.device, dtype: torch.dtype):
     ]
 
 
+def _sanitize_examples(device: torch.device, dtype: torch.dtype):
+    def t(*shape, grad=True):
+        return torch.randn(*shape, device=device, dtype=dtype, requires_grad=grad)
+
+    out = [Example(f"D{d} Lq{lq} Lk{lk}", sigmoid_attention, (t(1, 4, lq, d), t(1, 2, lk, d), t(1, 2, lk, d)), kw)
+           for d, lq, lk, kw in [(59, 113, 203, dict(causal=True)), (128, 1, 239, {}),
+                                 (256, 108, 256, dict(window=(17, 3))),
+                                 (40, 129, 65, dict(alibi_slopes=torch.rand(4, device=device)))]]
+    cu = torch.tensor([0, 5, 5, 70], device=device, dtype=torch.int32)
+    out.append(Example("varlen D96", sigmoid_attention_varlen, (t(70, 4, 96), t(70, 4, 96), t(70, 4, 96), cu, cu, 65, 65),
+                       dict(causal=True)))
+    cache = dict(grad=False)
+    out.append(Example("kvcache append at the last slot", sigmoid_attention_kvcache,
+                       (t(2, 4, 1, 64, **cache), t(2, 4, 300, 64, **cache), t(2, 4, 300, 64, **cache),
+                        torch.tensor([0, 299], device=device, dtype=torch.int32), t(2, 4, 1, 64, **cache),
+                        t(2, 4, 1, 64, **cache))))
+    return out
+
+
 CAPABILITY = Capability(
     name="sigmoid_attention",
     summary="O = sigmoid(scale QK^T + b) V: causal, sliding window, ALiBi, GQA/MQA, varlen, KV cache",
@@ -60,6 +79,7 @@ CAPABILITY = Capability(
     limits={"head dim": "CPU: any; CUDA: up to 256", "GQA": "H_q a multiple of H_kv",
             "CUDA lengths": "L_q, L_k below 2^30; B and H_q up to 65535"},
     cuda_min_arch={torch.bfloat16: 80, torch.float16: 80},
+    sanitize_examples=_sanitize_examples,
 )
 
 

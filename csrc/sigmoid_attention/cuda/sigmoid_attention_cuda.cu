@@ -2,9 +2,9 @@
 // backend through make_problem), output allocation, kernel choice and launch. The kernels are in
 // sigmoid_attention_fwd.cuh / _bwd.cuh (fp16/bf16 tensor cores) and sigmoid_attention_fp32_cuda.cu.
 //
-// Everything here is asynchronous on the current stream (no host synchronisation, no reads of
-// device values), so the ops can be captured in CUDA graphs: varlen lengths and seqused_k are read
-// by the kernels, and the grids are sized by max_seqlen_q / max_seqlen_k.
+// The launches are asynchronous on the current stream and the grids are sized by max_seqlen_q /
+// max_seqlen_k; varlen lengths and seqused_k are read by the kernels. The one host read is the
+// varlen forward's check of cu_seqlens, skipped while a CUDA graph is captured.
 #include <ATen/core/Tensor.h>
 #include <ATen/cuda/CUDAContext.h>
 #include <ATen/ops/empty.h>

@@ -62,7 +62,7 @@ def _check(model: nn.Module) -> Optional[str]:
     parameter = next(model.parameters(), None)
     if parameter is None:
         return "has no parameters (cannot tell its device)"
-    return op_reason("sigmoid_attention", parameter.device, parameter.dtype)
+    return op_reason("sigmoid_attention", parameter.device)
 
 
 def _apply(model: nn.Module) -> Callable[[], None]:

@@ -42,14 +42,21 @@ def prepare() -> None:
         register_moe_blocks()
         from accel.ops import capability
 
-        for device_type, dtypes in capability("fused_moe").dtypes.items():
-            for dtype in dtypes:
-                _kernel_reason(torch.device(device_type), dtype)
+        # CUDA devices only where CUDA is already initialised: reading a GPU's compute capability
+        # would otherwise create a CUDA context at import (fork-based workers, multi-rank jobs).
+        devices = [torch.device("cpu")]
+        if torch.cuda.is_initialized():
+            devices += [torch.device("cuda", i) for i in range(torch.cuda.device_count())]
+        dtypes = capability("fused_moe").dtypes
+        for device in devices:
+            for dtype in dtypes.get(device.type, ()):
+                _kernel_reason(device, dtype)
         _fused_moe()._default_apply_gate()
 
 
 def _kernel_reason(device: torch.device, dtype: torch.dtype) -> Optional[str]:
-    key = (device.type, dtype)
+    index = device.index if device.index is not None or device.type != "cuda" else torch.cuda.current_device()
+    key = (device.type, index, dtype)
     if key not in _REASONS:
         from accel.patching.builtin import op_reason
 
