@@ -236,3 +236,13 @@ def test_info_warns_when_the_gpu_has_no_kernel(monkeypatch):
     text = format_info(data)
     assert "WARNING: this GPU cannot run accel's CUDA kernels: compute capability 7.5" in text
     assert "CUDA kernels: absent" not in text
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_sanitize_examples_are_valid_calls(name):
+    """The sanitizer's shapes run on a GPU only under compute-sanitizer: make sure they are valid calls."""
+    cap = CAPS[name]
+    if cap.sanitize_examples is None:
+        pytest.skip(f"{name} has no sanitize examples")
+    for example in cap.sanitize_examples(CPU, torch.float32):
+        _run_with_backward(example)
