@@ -36,6 +36,7 @@
 #include <ucontext.h>
 
 #include <algorithm>
+#include <chrono>
 #include <cmath>
 #include <cstdint>
 #include <cstdio>
@@ -43,6 +44,7 @@
 #include <cstring>
 #include <functional>
 #include <random>
+#include <string>
 #include <vector>
 
 namespace accel::cuda_emu {
@@ -512,6 +514,33 @@ inline void launch(Dim3 grid, Dim3 block, size_t smem_bytes, const std::function
   s.lanes.clear();
   s.body = nullptr;
 }
+
+// The emulator tests' output: one line per case and schedule, then the summary ctest's log shows.
+class Report {
+ public:
+  // Times the case run by fn (returns "" when it passed, else what failed) and prints its line.
+  template <class Fn>
+  void run(const std::string& name, const char* schedule, Fn&& fn) {
+    const auto t = std::chrono::steady_clock::now();
+    const std::string detail = fn();
+    const double sec = std::chrono::duration<double>(std::chrono::steady_clock::now() - t).count();
+    std::printf("%s  %-44s %-22s %.2fs%s\n", detail.empty() ? "ok  " : "FAIL", name.c_str(), schedule, sec,
+                detail.c_str());
+    std::fflush(stdout);
+    (detail.empty() ? passed_ : failed_) += 1;
+  }
+  // Prints the summary; the process exit code.
+  int finish() const {
+    const double total = std::chrono::duration<double>(std::chrono::steady_clock::now() - t0_).count();
+    std::printf("%d passed, %d failed (%.1f s, %lld emulated blocks, %lld warp collectives)\n", passed_, failed_,
+                total, static_cast<long long>(state().blocks_run), static_cast<long long>(state().collectives));
+    return failed_ == 0 ? 0 : 1;
+  }
+
+ private:
+  int passed_ = 0, failed_ = 0;
+  std::chrono::steady_clock::time_point t0_ = std::chrono::steady_clock::now();
+};
 
 }  // namespace accel::cuda_emu
 

@@ -373,31 +373,18 @@ std::vector<Case> cases() {
 
 int main(int argc, char** argv) {
   const std::string filter = argc > 1 ? argv[1] : "";
-  int passed = 0, failed = 0;
-  const auto t0 = std::chrono::steady_clock::now();
+  emu::Report report;
   const std::pair<const char*, emu::Order> orders[] = {{"warp-serial", emu::Order::warp_serial},
                                                        {"warp-serial-rev", emu::Order::warp_serial_reverse}};
   for (const Case& c : cases()) {
     if (!filter.empty() && c.name.find(filter) == std::string::npos) continue;
     for (int oi = 0; oi < 2; ++oi) {
-      const auto t = std::chrono::steady_clock::now();
-      std::string detail;
-      if (c.name.rfind("fp32", 0) == 0) {
-        detail = run_case<float>(c, orders[oi].second, 1 + oi);
-      } else if (c.name.rfind("fp16", 0) == 0) {
-        detail = run_case<__half>(c, orders[oi].second, 1 + oi);
-      } else {
-        detail = run_case<__nv_bfloat16>(c, orders[oi].second, 1 + oi);
-      }
-      const double sec = std::chrono::duration<double>(std::chrono::steady_clock::now() - t).count();
-      std::printf("%s  %-44s %-16s %.2fs%s\n", detail.empty() ? "ok  " : "FAIL", c.name.c_str(), orders[oi].first,
-                  sec, detail.c_str());
-      std::fflush(stdout);
-      (detail.empty() ? passed : failed) += 1;
+      report.run(c.name, orders[oi].first, [&] {
+        if (c.name.rfind("fp32", 0) == 0) return run_case<float>(c, orders[oi].second, 1 + oi);
+        if (c.name.rfind("fp16", 0) == 0) return run_case<__half>(c, orders[oi].second, 1 + oi);
+        return run_case<__nv_bfloat16>(c, orders[oi].second, 1 + oi);
+      });
     }
   }
-  const double total = std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
-  std::printf("%d passed, %d failed (%.1f s, %lld emulated blocks, %lld warp collectives)\n", passed, failed, total,
-              static_cast<long long>(emu::state().blocks_run), static_cast<long long>(emu::state().collectives));
-  return failed == 0 ? 0 : 1;
+  return report.finish();
 }

@@ -382,8 +382,7 @@ std::vector<Case> cases() {
 
 int main(int argc, char** argv) {
   const std::string filter = argc > 1 ? argv[1] : "";
-  int passed = 0, failed = 0;
-  const auto t0 = std::chrono::steady_clock::now();
+  emu::Report report;
   struct Schedule {
     const char* name;
     emu::CpAsyncMode mode;
@@ -398,17 +397,11 @@ int main(int argc, char** argv) {
     if (!filter.empty() && c.name.find(filter) == std::string::npos) continue;
     for (int si = 0; si < 3; ++si) {
       if (si == 2 && index % 3 != 0) continue;  // the shuffled schedule on every third case
-      const auto t = std::chrono::steady_clock::now();
-      const Outcome o = run_case(c, schedules[si].mode, schedules[si].order, 1 + si);
-      const double s = std::chrono::duration<double>(std::chrono::steady_clock::now() - t).count();
-      std::printf("%s  %-40s %-22s %.2fs%s\n", o.ok ? "ok  " : "FAIL", c.name.c_str(), schedules[si].name, s,
-                  o.detail.c_str());
-      std::fflush(stdout);
-      (o.ok ? passed : failed) += 1;
+      report.run(c.name, schedules[si].name, [&] {
+        const Outcome o = run_case(c, schedules[si].mode, schedules[si].order, 1 + si);
+        return o.ok ? std::string() : o.detail.empty() ? std::string(" failed") : o.detail;
+      });
     }
   }
-  const double total = std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
-  std::printf("%d passed, %d failed (%.1f s, %lld emulated blocks, %lld warp collectives)\n", passed, failed, total,
-              static_cast<long long>(emu::state().blocks_run), static_cast<long long>(emu::state().collectives));
-  return failed == 0 ? 0 : 1;
+  return report.finish();
 }
