@@ -1,0 +1,140 @@
+"""Streaming 1-D convolution: one chunk of a stream through a convolution whose history is a state
+tensor updated in place (the decode step of hybrid language models, a streaming TCN's layer)."""
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+from torch import Tensor
+
+from accel import _ext
+from accel.ops._capability import Capability, Example
+from accel.ops._common import fake_dims, int_arg, size, tensor_arg
+
+_ext.load()
+
+_NAME = "streaming_conv1d"
+
+
+def _examples(device: torch.device, dtype: torch.dtype):
+    def t(*shape):
+        return torch.randn(*shape, device=device, dtype=dtype)
+
+    slots = torch.tensor([2, -1, 0], dtype=torch.int32, device=device)
+    return [
+        Example("depthwise decode h1 K4 silu, state K", streaming_conv1d, (t(3, 6, 1), t(3, 6, 4), t(6, 1, 4), t(6)),
+                dict(groups=6, activation="silu")),
+        Example("dense h7 K3 d5, no bias", streaming_conv1d, (t(2, 3, 7), t(2, 3, 10), t(5, 3, 3)),
+                dict(dilation=5)),
+        Example("grouped h13 K2 d3 gelu, slots with padding row", streaming_conv1d,
+                (t(3, 4, 13), t(4, 4, 3), t(6, 2, 2), t(6)), dict(dilation=3, groups=2, activation="gelu",
+                                                                    state_indices=slots)),
+        Example("dense GEMM-shaped h37 C9->8 K3 d2 relu", streaming_conv1d, (t(2, 9, 37), t(2, 9, 4), t(8, 9, 3), t(8)),
+                dict(dilation=2, activation="relu")),
+    ]
+
+
+def _sanitize_examples(device: torch.device, dtype: torch.dtype):
+    def t(*shape):
+        return torch.randn(*shape, device=device, dtype=dtype)
+
+    slots = torch.tensor([5, -1, 0, 7, 3], dtype=torch.int32, device=device)
+    return [Example("depthwise C301 h1 K4 slots", streaming_conv1d, (t(5, 301, 1), t(8, 301, 3), t(301, 1, 4), t(301)),
+                    dict(groups=301, activation="silu", state_indices=slots)),
+            Example("dense C37->12 h257 K3 d64", streaming_conv1d, (t(2, 37, 257), t(2, 37, 128), t(12, 37, 3), None),
+                    dict(dilation=64))]
+
+
+_ALL_FLOATS = (torch.float32, torch.float64, torch.bfloat16, torch.float16)
+
+CAPABILITY = Capability(
+    name="streaming_conv1d",
+    summary="one chunk of a stream through a dilated, grouped 1-D convolution; the state is updated in place",
+    functions=("streaming_conv1d",),
+    ops=("streaming_conv1d",),
+    dtypes={"cpu": _ALL_FLOATS, "cuda": _ALL_FLOATS},
+    examples=_examples,
+    modules=("StreamingConv1d",),
+    bench="streaming",
+    doc="docs/ops/streaming_conv1d.md",
+    limits={"state": "(S, C_in, L_s) contiguous, L_s >= (K-1)*dilation",
+            "state_indices": "int32 (B,), -1 marks a padding row; no slot twice"},
+    sanitize_examples=_sanitize_examples,
+)
+
+
+def streaming_conv1d(
+    x: Tensor,
+    state: Tensor,
+    weight: Tensor,
+    bias: Optional[Tensor] = None,
+    *,
+    dilation: int = 1,
+    groups: int = 1,
+    activation: Optional[str] = None,
+    state_indices: Optional[Tensor] = None,
+) -> Tensor:
+    """Convolve the next chunk of each stream, continuing from its state, and advance the state.
+
+    With ``s = state_indices[b]`` (``b`` when not given), ``P = (K-1)*dilation`` and
+    ``u = cat(state[s], x[b])`` along time (length ``L_s + h``)::
+
+        y[b, o, t] = act(bias[o] + sum_{i, k} weight[o, i, k] * u[g(o)*C_in/groups + i, L_s + t - (K-1-k)*dilation])
+        state[s]  <- u[:, h:]                      (the last L_s samples)
+
+    so chunks of any lengths give, concatenated, the causal convolution of the whole stream.
+    ``u`` is never built: the kernels read the state and the chunk in place.
+
+    Args:
+        x: ``(B, C_in, h)``, a chunk of ``h >= 0`` new samples per row (any strides).
+        state: ``(S, C_in, L_s)`` contiguous, same dtype and device; ``L_s >= (K-1)*dilation`` (a longer
+            state, as transformers' caches keep, holds older samples that the convolution does not read).
+            Updated in place.
+        weight: ``(C_out, C_in / groups, K)``; bias: optional ``(C_out,)``.
+        dilation: ``>= 1``; groups: divides ``C_in`` and ``C_out``.
+        activation: ``None``, ``"relu"``, ``"gelu"`` (erf form) or ``"silu"``.
+        state_indices: optional int32 ``(B,)``: the state slot of each row; ``-1`` marks a padding row,
+            whose output is zero and which touches no state. A slot may appear once. On the CPU an index
+            outside ``[-1, S)`` is an error (raised before anything is written); on CUDA, where reading the
+            indices back would stall the stream, such a row is treated as padding.
+
+    Returns:
+        ``(B, C_out, h)`` in ``x``'s dtype (fp32 accumulation for bf16/fp16).
+
+    The state is history, not a parameter: with autograd on, the output is differentiable with respect to
+    ``x``, ``weight`` and ``bias`` (truncated back-propagation through time), computed by
+    ``accel.ops.dilated_conv1d`` on the concatenation; the state is updated the same way.
+    """
+    x, state, weight = tensor_arg(_NAME, "x", x), tensor_arg(_NAME, "state", state), tensor_arg(_NAME, "weight", weight)
+    dilation, groups = int_arg(_NAME, "dilation", dilation), int_arg(_NAME, "groups", groups)
+    act = "none" if activation is None else activation
+    if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (x, weight, bias)):
+        return _differentiable(x, state, weight, bias, dilation, groups, act, state_indices)
+    return torch.ops.accel.streaming_conv1d(x, state, weight, bias, dilation, groups, act, state_indices)
+
+
+def _differentiable(x, state, weight, bias, dilation, groups, act, state_indices):
+    from accel.ops.dilated_conv1d import dilated_conv1d
+
+    # The native op checks every argument (and writes the state) on detached inputs first, so a bad call
+    # fails before anything else runs; the output is then recomputed with a graph.
+    with torch.no_grad():
+        history = state.clone()
+        torch.ops.accel.streaming_conv1d(x.detach(), state, weight.detach(), None if bias is None else bias.detach(),
+                                         dilation, groups, act, state_indices)
+    span = (size(weight, -1, 1) - 1) * dilation
+    slots = torch.arange(x.shape[0], device=x.device) if state_indices is None else state_indices.long()
+    live = slots >= 0
+    u = torch.cat([history[slots.clamp(min=0)][..., history.shape[-1] - span:], x], dim=-1)
+    y = dilated_conv1d(u, weight, bias, dilation=dilation, padding=0, groups=groups,
+                       activation=None if act == "none" else act)
+    return torch.where(live[:, None, None], y, 0) if state_indices is not None else y
+
+
+# ---------------------------------------------------------------- fake (meta) implementation
+
+@torch.library.register_fake("accel::streaming_conv1d")
+def _streaming_conv1d_fake(x, state, weight, bias, dilation, groups, activation, state_indices):
+    fake_dims(_NAME, x=(x, 3, "(B, C_in, h)"), state=(state, 3, "(S, C_in, L_s)"),
+              weight=(weight, 3, "(C_out, C_in / groups, K)"))
+    return x.new_empty((x.shape[0], weight.shape[0], x.shape[2]))  # writes state in place, as the schema declares

@@ -1,0 +1,35 @@
+"""Reference streaming 1-D convolution, in plain PyTorch: concatenate the state and the chunk, convolve."""
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+__all__ = ["streaming_conv1d"]
+
+_ACTIVATIONS = {None: lambda y: y, "none": lambda y: y, "relu": F.relu, "gelu": F.gelu, "silu": F.silu}
+
+
+def streaming_conv1d(
+    x: Tensor,
+    state: Tensor,
+    weight: Tensor,
+    bias: Optional[Tensor] = None,
+    *,
+    dilation: int = 1,
+    groups: int = 1,
+    activation: Optional[str] = None,
+    state_indices: Optional[Tensor] = None,
+) -> Tensor:
+    span = (weight.shape[-1] - 1) * dilation
+    rows = torch.arange(x.shape[0], device=x.device) if state_indices is None else state_indices.long()
+    live = rows >= 0
+    slots = rows.clamp(min=0)
+    full = torch.cat([state[slots], x], dim=-1)  # (B, C_in, L_s + h)
+    y = F.conv1d(full[..., full.shape[-1] - x.shape[-1] - span:], weight, bias, dilation=dilation, groups=groups)
+    y = torch.where(live[:, None, None], _ACTIVATIONS[activation](y), 0)
+    with torch.no_grad():
+        state[slots[live]] = full[live][..., x.shape[-1]:].to(state.dtype)
+    return y
