@@ -6,8 +6,9 @@ from accel.nn.sigmoid_attention import (
     SigmoidAttention,
     SigmoidMultiheadAttention,
 )
+from accel.nn.streaming_conv import StreamingConv1d
 
 __all__ = [
     "DilatedConv1d", "TCN", "FusedMoE", "SigmoidAttention", "SigmoidMultiheadAttention",
-    "AdaptedSigmoidMultiheadAttention",
+    "AdaptedSigmoidMultiheadAttention", "StreamingConv1d",
 ]
