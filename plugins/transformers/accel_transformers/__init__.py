@@ -16,6 +16,11 @@
 - ``accel.patch(model)`` replaces Mixtral, Qwen2-MoE, Qwen3-MoE and OLMoE sparse MoE blocks by
   ``accel.nn.FusedMoE`` (routing and experts fused, parameters shared; the outputs stay the same).
 
+- ``accel.patch(model)`` routes hybrid models' causal depthwise conv (Mamba, Mamba2, Jamba, Bamba, LFM2,
+  Qwen3-Next, ...: every modeling module defining ``causal_conv1d_forward`` / ``_update`` / ``_fn``) through
+  ``accel.ops.streaming_conv1d`` (cached decode) and ``accel.ops.dilated_conv1d`` (prefill); those functions
+  are module globals, so this holds for the whole modeling module while any of its layers is patched.
+
 - ``accel.patch(model, convert={"attention": "sigmoid"})``: opt-in conversion of a softmax model to
   sigmoid attention (it changes the outputs; for fine-tuning). Without ``convert=`` this plugin
   never changes a model's maths.
@@ -25,6 +30,7 @@ Discovered by accel through the ``accel.plugins`` entry point ``transformers = "
 from __future__ import annotations
 
 from accel.patching import Plugin, unmet_requirement
+from accel_transformers.conv_state import CAUSAL_CONV_RULE
 from accel_transformers.conversion import SIGMOID_CONVERSION
 from accel_transformers.moe import MOE_BLOCK_RULE
 from accel_transformers.names import EXPERTS_NAME, NAME, REQUIRES
@@ -36,9 +42,10 @@ plugin = Plugin(
     name="transformers",
     requires=REQUIRES,
     rules=[MOE_BLOCK_RULE],
-    method_patches=[SIGMOID_CONVERSION],
+    method_patches=[SIGMOID_CONVERSION, CAUSAL_CONV_RULE],
     description="Hugging Face transformers: the accel_sigmoid attention backend, the accel experts implementation, "
-                "sparse MoE blocks -> FusedMoE; convert={'attention': 'sigmoid'}",
+                "sparse MoE blocks -> FusedMoE, hybrid models' causal conv -> streaming_conv1d / dilated_conv1d; "
+                "convert={'attention': 'sigmoid'}",
 )
 
 # Register now when transformers>=5 is installed, so attn_implementation="accel_sigmoid",
@@ -49,4 +56,4 @@ if all(unmet_requirement(req) is None for req in REQUIRES):
     register()
 
 __all__ = ["plugin", "register", "registered", "NAME", "EXPERTS_NAME", "SIGMOID_CONVERSION", "MOE_BLOCK_RULE",
-           "__version__"]
+           "CAUSAL_CONV_RULE", "__version__"]

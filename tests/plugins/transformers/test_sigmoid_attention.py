@@ -135,7 +135,8 @@ def test_plugin_discovered_through_entry_point():
     assert status.plugin is accel_transformers.plugin
     assert status.distribution == f"accel-transformers {dist.version}"
     assert status.plugin.requires == ("transformers>=5",)
-    assert [r.name for r in status.plugin.method_patches] == ["transformers: softmax attention -> accel_sigmoid"]
+    assert [r.name for r in status.plugin.method_patches] == ["transformers: softmax attention -> accel_sigmoid",
+                                                             "transformers: causal conv1d -> streaming_conv1d"]
 
 
 def test_plugin_skips_cleanly_without_transformers(tmp_path):
