@@ -121,30 +121,47 @@ void direct_group(const Problem<scalar_t>& p, int64_t b, int64_t s, int64_t grp,
     }
     return;
   }
-  // Long chunks: per time tile, stage u[ci, L_s - span + t0, ... + n + span) in acc_t, then taps as
-  // vector FMAs along time.
+  // Long chunks: per time tile, each tap (ci, k) reads the n samples u[ci, L_s - span + t0 + k*d, + n):
+  // in place when they lie in one source of the accumulation type, else converted or joined into
+  // a staging row (only the taps' samples, not the whole dilated window); then each tap is vector
+  // FMAs along time.
   using Vec = Vectorized<acc_t>;
   constexpr int64_t V = Vec::size();
-  const int64_t width = kTile + g.span;
-  stage.resize(cig * width);
+  stage.resize(cig * K * kTile);
   acc.resize(kTile);
+  std::vector<const acc_t*> tap(cig * K);
   for (int64_t t0 = 0; t0 < h; t0 += kTile) {
     const int64_t n = std::min(kTile, h - t0);
     for (int64_t ci = 0; ci < cig; ++ci) {
-      load_u(srows + ci * ls, ls, p.x.row(b, grp * cig + ci), ls - g.span + t0, n + g.span, stage.data() + ci * width);
+      const scalar_t* srow = srows + ci * ls;
+      const scalar_t* xrow = p.x.row(b, grp * cig + ci);
+      for (int64_t k = 0; k < K; ++k) {
+        const int64_t j0 = ls - g.span + t0 + k * d;
+        acc_t* buf = stage.data() + (ci * K + k) * kTile;
+        if constexpr (std::is_same_v<scalar_t, acc_t>) {
+          if (j0 + n <= ls) {
+            tap[ci * K + k] = srow + j0;
+            continue;
+          }
+          if (j0 >= ls) {
+            tap[ci * K + k] = xrow + (j0 - ls);
+            continue;
+          }
+        }
+        load_u(srow, ls, xrow, j0, n, buf);
+        tap[ci * K + k] = buf;
+      }
     }
     for (int64_t o = 0; o < g.c_out_per_group; ++o) {
       const int64_t co = grp * g.c_out_per_group + o;
       const acc_t* w = p.w + co * cig * K;
       std::fill_n(acc.data(), n, p.bias ? p.bias[co] : acc_t(0));
-      for (int64_t ci = 0; ci < cig; ++ci) {
-        for (int64_t k = 0; k < K; ++k) {
-          const acc_t* src = stage.data() + ci * width + k * d;
-          const Vec wv(w[ci * K + k]);
-          int64_t t = 0;
-          for (; t + V <= n; t += V) at::vec::fmadd(wv, Vec::loadu(src + t), Vec::loadu(acc.data() + t)).store(acc.data() + t);
-          for (; t < n; ++t) acc[t] += w[ci * K + k] * src[t];
-        }
+      for (int64_t i = 0; i < cig * K; ++i) {
+        const acc_t* src = tap[i];
+        const Vec wv(w[i]);
+        int64_t t = 0;
+        for (; t + V <= n; t += V) at::vec::fmadd(wv, Vec::loadu(src + t), Vec::loadu(acc.data() + t)).store(acc.data() + t);
+        for (; t < n; ++t) acc[t] += w[i] * src[t];
       }
       apply_epilogue<acc_t>(acc.data(), nullptr, n, g.act);
       convert_n(acc.data(), p.out_row(b, co) + t0, n);
