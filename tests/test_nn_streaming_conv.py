@@ -260,7 +260,7 @@ def test_other_errors():
     with pytest.raises(TypeError, match="from_module expects"):
         StreamingConv1d.from_module(nn.Linear(2, 2))
     with pytest.raises(ValueError, match="batch_size"):
-        StreamingConv1d(2, 2, 3).reset(0)
+        StreamingConv1d(2, 2, 3).reset(-1)
     with pytest.raises(RuntimeError, match="nothing was streamed"):
         StreamingConv1d(2, 2, 3).flush()
 

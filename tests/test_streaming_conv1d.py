@@ -214,3 +214,84 @@ def test_matches_dilated_conv_on_a_zero_state():
     x, w, b = torch.randn(2, 8, 50), torch.randn(8, 2, 5), torch.randn(8)
     y = streaming_conv1d(x, torch.zeros(2, 8, 12), w, b, dilation=3, groups=4, activation="relu")
     torch.testing.assert_close(y, dilated_conv1d(x, w, b, dilation=3, groups=4, activation="relu"))
+
+
+# --------------------------------------------------------------------------- memory safety, aliasing
+
+def _guarded_state(shape, dtype):
+    """A tensor that ends where an inaccessible page begins: a read past its end crashes the process."""
+    import ctypes
+    import mmap
+
+    page = mmap.PAGESIZE
+    libc = ctypes.CDLL(None)
+    libc.mprotect.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int]
+    nbytes = torch.Size(shape).numel() * torch.tensor([], dtype=dtype).element_size()
+    pages = (nbytes + page - 1) // page + 1
+    buf = mmap.mmap(-1, pages * page)
+    addr = ctypes.addressof(ctypes.c_char.from_buffer(buf))
+    assert libc.mprotect(addr + (pages - 1) * page, page, 0) == 0
+    t = torch.frombuffer(buf, dtype=torch.uint8, count=nbytes, offset=(pages - 1) * page - nbytes).view(dtype)
+    return t.view(shape), buf
+
+
+_GUARD_SCRIPT = """
+import sys, torch
+sys.path.insert(0, {tests!r})
+from test_streaming_conv1d import _guarded_state
+import accel.reference as ref
+from accel.ops import streaming_conv1d
+for dtype in (torch.float32, torch.bfloat16, torch.float16):
+    for C in (9, 10, 11, 17, 25, 265):
+        for K, ls in ((2, 1), (3, 2), (4, 3), (4, 4), (2, 4), (3, 3)):
+            state, keep = _guarded_state((1, C, ls), dtype)
+            state.copy_(torch.randn(1, C, ls))
+            w = torch.randn(C, 1, K).to(dtype)[-C:]
+            x = torch.randn(1, C, 1).to(dtype)
+            want_state = state.double().clone()
+            want = ref.streaming_conv1d(x.double(), want_state, w.double(), groups=C)
+            got = streaming_conv1d(x, state, w, groups=C)
+            assert (got.double() - want).abs().max() < 5e-2, (dtype, C, K, ls)
+            assert torch.equal(state.double(), want_state), (dtype, C, K, ls)
+print("ok")
+"""
+
+
+def test_one_sample_step_reads_nothing_past_the_state():
+    """The vectorised decode step loads four samples from each row start: the last slot's state ends at an
+    inaccessible page, so a load past it would crash (run in a child process)."""
+    import pathlib
+    import subprocess
+    import sys
+
+    tests = str(pathlib.Path(__file__).parent)
+    out = subprocess.run([sys.executable, "-c", _GUARD_SCRIPT.format(tests=tests)], capture_output=True, text=True,
+                         timeout=300)
+    assert out.returncode == 0 and out.stdout.strip() == "ok", out.stderr[-2000:]
+
+
+def test_inputs_sharing_memory_with_the_state_are_refused():
+    state = torch.randn(1, 9, 4)
+    before = state.clone()
+    for x in (state[:, :, 1:], state[:, :, 3:]):
+        with pytest.raises(ValueError, match="x shares memory with state"):
+            streaming_conv1d(x, state, torch.randn(9, 1, 4), groups=9)
+    assert torch.equal(state, before)
+
+
+def test_direct_op_call_has_no_silent_backward():
+    x = torch.randn(2, 4, 3, requires_grad=True)
+    y = torch.ops.accel.streaming_conv1d(x, torch.randn(2, 4, 2), torch.randn(4, 1, 3), None, 1, 4, "none", None)
+    with pytest.raises(RuntimeError, match="not implemented"):
+        y.sum().backward()
+
+
+def test_empty_chunk_and_all_padding_with_autograd():
+    w = torch.randn(4, 1, 3, requires_grad=True)
+    state = torch.randn(2, 4, 2)
+    before = state.clone()
+    assert streaming_conv1d(torch.randn(2, 4, 0, requires_grad=True), state, w, groups=4).shape == (2, 4, 0)
+    assert torch.equal(state, before)
+    none = torch.tensor([-1, -1], dtype=torch.int32)
+    y = streaming_conv1d(torch.randn(2, 4, 3, requires_grad=True), torch.randn(0, 4, 2), w, groups=4, state_indices=none)
+    assert torch.equal(y, torch.zeros_like(y))

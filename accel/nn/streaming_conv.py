@@ -171,8 +171,8 @@ class StreamingConv1d(nn.Module):
     def reset(self, batch_size: int = 1) -> None:
         """Start ``batch_size`` new streams: a zero state in the weight's dtype and device (reused when
         its shape is unchanged), phase 0."""
-        if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
-            raise ValueError(f"StreamingConv1d.reset: batch_size must be an int >= 1, got {batch_size!r}")
+        if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 0:
+            raise ValueError(f"StreamingConv1d.reset: batch_size must be an int >= 0, got {batch_size!r}")
         shape = (batch_size, self.in_channels, self.span)
         w = self.weight
         if self.state is not None and self.state.shape == shape and self.state.dtype == w.dtype \

@@ -9,7 +9,7 @@ from torch import Tensor
 
 from accel import _ext
 from accel.ops._capability import Capability, Example
-from accel.ops._common import fake_dims, int_arg, size, tensor_arg
+from accel.ops._common import fake_dims, fake_same_device, int_arg, size, tensor_arg
 
 _ext.load()
 
@@ -102,13 +102,15 @@ def streaming_conv1d(
         ``(B, C_out, h)`` in ``x``'s dtype (fp32 accumulation for bf16/fp16).
 
     The state is history, not a parameter: with autograd on, the output is differentiable with respect to
-    ``x``, ``weight`` and ``bias`` (truncated back-propagation through time), computed by
-    ``accel.ops.dilated_conv1d`` on the concatenation; the state is updated the same way.
+    ``x``, ``weight`` and ``bias`` (truncated back-propagation through time): the native op advances the
+    state and the output is recomputed by ``accel.ops.dilated_conv1d`` on the rows' old history and the
+    chunk. (``torch.ops.accel.streaming_conv1d`` itself has no backward and says so.)
     """
     x, state, weight = tensor_arg(_NAME, "x", x), tensor_arg(_NAME, "state", state), tensor_arg(_NAME, "weight", weight)
     dilation, groups = int_arg(_NAME, "dilation", dilation), int_arg(_NAME, "groups", groups)
     act = "none" if activation is None else activation
-    if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (x, weight, bias)):
+    if (torch.is_grad_enabled() and size(x, -1) > 0
+            and any(t is not None and t.requires_grad for t in (x, weight, bias))):
         return _differentiable(x, state, weight, bias, dilation, groups, act, state_indices)
     return torch.ops.accel.streaming_conv1d(x, state, weight, bias, dilation, groups, act, state_indices)
 
@@ -116,19 +118,21 @@ def streaming_conv1d(
 def _differentiable(x, state, weight, bias, dilation, groups, act, state_indices):
     from accel.ops.dilated_conv1d import dilated_conv1d
 
-    # The native op checks every argument (and writes the state) on detached inputs first, so a bad call
-    # fails before anything else runs; the output is then recomputed with a graph.
-    with torch.no_grad():
-        history = state.clone()
+    span = (size(weight, -1, 1) - 1) * dilation
+    rows = torch.arange(size(x, 0), device=x.device) if state_indices is None else state_indices.long()
+    # The history the rows read, gathered before the native op advances the state; indices are
+    # clamped here only so the gather cannot fail before the native op names a bad one.
+    if state.dim() == 3 and state.shape[0] > 0:
+        history = state.detach().index_select(0, rows.clamp(0, state.shape[0] - 1))
+        history = history[..., max(0, history.shape[-1] - span):]
+    else:
+        history = x.new_zeros((size(x, 0), size(x, 1), span))
+    with torch.no_grad():  # checks every argument, then advances the state
         torch.ops.accel.streaming_conv1d(x.detach(), state, weight.detach(), None if bias is None else bias.detach(),
                                          dilation, groups, act, state_indices)
-    span = (size(weight, -1, 1) - 1) * dilation
-    slots = torch.arange(x.shape[0], device=x.device) if state_indices is None else state_indices.long()
-    live = slots >= 0
-    u = torch.cat([history[slots.clamp(min=0)][..., history.shape[-1] - span:], x], dim=-1)
-    y = dilated_conv1d(u, weight, bias, dilation=dilation, padding=0, groups=groups,
+    y = dilated_conv1d(torch.cat([history, x], dim=-1), weight, bias, dilation=dilation, padding=0, groups=groups,
                        activation=None if act == "none" else act)
-    return torch.where(live[:, None, None], y, 0) if state_indices is not None else y
+    return y if state_indices is None else torch.where((rows >= 0)[:, None, None], y, 0)
 
 
 # ---------------------------------------------------------------- fake (meta) implementation
@@ -137,4 +141,5 @@ def _differentiable(x, state, weight, bias, dilation, groups, act, state_indices
 def _streaming_conv1d_fake(x, state, weight, bias, dilation, groups, activation, state_indices):
     fake_dims(_NAME, x=(x, 3, "(B, C_in, h)"), state=(state, 3, "(S, C_in, L_s)"),
               weight=(weight, 3, "(C_out, C_in / groups, K)"))
+    fake_same_device(_NAME, "x", x, state=state, weight=weight, bias=bias, state_indices=state_indices)
     return x.new_empty((x.shape[0], weight.shape[0], x.shape[2]))  # writes state in place, as the schema declares

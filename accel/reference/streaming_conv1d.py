@@ -26,6 +26,8 @@ def streaming_conv1d(
     span = (weight.shape[-1] - 1) * dilation
     rows = torch.arange(x.shape[0], device=x.device) if state_indices is None else state_indices.long()
     live = rows >= 0
+    if x.shape[-1] == 0 or not bool(live.any()):  # nothing advances
+        return x.new_zeros((x.shape[0], weight.shape[0], x.shape[-1]))
     slots = rows.clamp(min=0)
     full = torch.cat([state[slots], x], dim=-1)  # (B, C_in, L_s + h)
     y = F.conv1d(full[..., full.shape[-1] - x.shape[-1] - span:], weight, bias, dilation=dilation, groups=groups)

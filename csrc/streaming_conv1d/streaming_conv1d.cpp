@@ -2,6 +2,8 @@
 // register themselves, so a CPU-only build has the same schema.
 #include "streaming_conv1d/streaming_conv1d.h"
 
+#include <ATen/MemoryOverlap.h>
+#include <torch/csrc/autograd/autograd_not_implemented_fallback.h>
 #include <torch/library.h>
 
 #include <vector>
@@ -9,6 +11,15 @@
 #include "common/checks.h"
 
 namespace accel::streaming_conv1d {
+namespace {
+
+// Whether t may overlap `state` (layouts too irregular to tell count when they share a storage).
+bool shares_memory(const at::Tensor& t, const at::Tensor& state) {
+  if (!t.has_storage() || !state.has_storage() || !t.storage().is_alias_of(state.storage())) return false;
+  return at::get_overlap_status(t, state) != at::MemOverlapStatus::No;
+}
+
+}  // namespace
 
 Geometry check(const at::Tensor& x, const at::Tensor& state, const at::Tensor& weight,
                const c10::optional<at::Tensor>& bias, int64_t dilation, int64_t groups, const std::string& activation,
@@ -52,11 +63,18 @@ Geometry check(const at::Tensor& x, const at::Tensor& state, const at::Tensor& w
                     " samples (K=", g.kernel, ", dilation=", dilation, "), got shape ", shape_str(state));
   TORCH_CHECK_VALUE(state.is_contiguous(), kOp, ": state must be contiguous (it is updated in place), got strides ",
                     state.strides(), " for shape ", shape_str(state));
+  // The state is written while the other inputs are read.
+  for (const auto& [name, t] : {std::pair<const char*, const at::Tensor&>{"x", x}, {"weight", weight}}) {
+    TORCH_CHECK_VALUE(!shares_memory(t, state), kOp, ": ", name,
+                      " shares memory with state, which the op writes; pass a copy");
+  }
   if (bias.has_value() && bias->defined()) {
     check_dim(kOp, "bias", *bias, 1, "(C_out,)");
     TORCH_CHECK_VALUE(bias->size(0) == g.c_out, kOp, ": bias must have shape (", g.c_out, ",), got ", shape_str(*bias));
     check_same_dtype(kOp, "bias", *bias, x, "x");
     check_same_device(kOp, "bias", *bias, x, "x");
+    TORCH_CHECK_VALUE(!shares_memory(*bias, state), kOp,
+                      ": bias shares memory with state, which the op writes; pass a copy");
   }
   if (state_indices.has_value() && state_indices->defined()) {
     const at::Tensor& idx = *state_indices;
@@ -92,4 +110,10 @@ TORCH_LIBRARY_FRAGMENT(accel, m) {
   m.def(
       "streaming_conv1d(Tensor x, Tensor(a!) state, Tensor weight, Tensor? bias, int dilation, int groups, "
       "str activation, Tensor? state_indices) -> Tensor");
+}
+
+// No derivative: accel.ops.streaming_conv1d differentiates through dilated_conv1d. Called directly
+// on inputs that require grad, the op's backward raises instead of leaving gradients silently unset.
+TORCH_LIBRARY_IMPL(accel, Autograd, m) {
+  m.impl("streaming_conv1d", torch::autograd::autogradNotImplementedFallback());
 }

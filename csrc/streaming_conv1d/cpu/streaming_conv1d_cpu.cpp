@@ -22,7 +22,7 @@
 #include <type_traits>
 #include <vector>
 
-#if defined(__AVX2__)
+#if defined(__AVX2__) && defined(__F16C__)
 #include <immintrin.h>
 #endif
 
@@ -169,7 +169,7 @@ void direct_group(const Problem<scalar_t>& p, int64_t b, int64_t s, int64_t grp,
   }
 }
 
-#if defined(__AVX2__)
+#if defined(__AVX2__) && defined(__F16C__)
 // (Always inlined: the transposed columns must stay in registers.)
 // Samples [0, 4) of a state row as fp32.
 template <typename scalar_t>
@@ -289,12 +289,14 @@ inline void step_rows(const Problem<scalar_t>& p, int64_t b,
   scalar_t* __restrict__ rows = state + c0 * ls;
   const acc_t* __restrict__ w = p.w + c0 * K;
   int64_t done = 0;
-#if defined(__AVX2__)
+#if defined(__AVX2__) && defined(__F16C__)
   if constexpr (std::is_same_v<acc_t, float>) {
-    // Groups of eight whose loads (four samples from each row start of the state and the weight,
-    // one sample past the group when advancing) stay inside this block: the last group runs below.
+    // Groups of eight rows [0, m) whose loads stay inside this block's rows (other tasks move the
+    // neighbouring blocks meanwhile): four samples from each row start, (m-1)*ls + 4 <= n*ls, and
+    // the first sample of row m, read by the moves, so m < n. The rest runs below.
     if (d == 1 && ls >= 1 && ls <= 4) {
-      const int64_t m = (n - 1) / 8 * 8;
+      const int64_t last = std::min(n - 1, n - (4 + ls - 1) / ls + 1);
+      const int64_t m = std::max<int64_t>(0, last) / 8 * 8;
       if (step8_rows(K, first, rows, ls, p.w + c0 * K, p.bias ? p.bias + c0 : nullptr, x, sc, m, z)) done = m;
     }
   }

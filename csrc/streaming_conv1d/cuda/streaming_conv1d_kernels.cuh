@@ -103,6 +103,7 @@ inline unsigned blocks_for(int64_t n) { return static_cast<unsigned>((n + kThrea
 // Launches the kernels for p on `stream` (none when there is nothing to do).
 template <typename scalar_t, typename acc_t, typename Stream>
 void launch(const Params& p, Stream stream) {
+  if (p.chunk == 0) return;  // no output, and the state stays as it is
   const int64_t rows = p.batch * p.c_in, outputs = p.batch * p.c_out * p.chunk;
   auto* fused = &depthwise_kernel<scalar_t, acc_t>;
   auto* per_output = &outputs_kernel<scalar_t, acc_t>;
