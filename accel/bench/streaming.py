@@ -33,7 +33,11 @@ Groups:
    with the window's first ``W - 1`` samples, so the first hop's outputs equal the window's last
    ``h`` outputs, which the check compares.
 
-Both groups time inference (``torch.no_grad()``; the ``fwd`` mode).
+3. ``one layer, one sample``: the per-layer cost of a one-sample step, ``StreamingConv1d.step`` of a
+   depthwise layer (C 64, K 3, dilation 1, 64, 512), next to ``nn.Conv1d`` computing the same output
+   from the ``1 + (K-1)*dilation`` samples it reads.
+
+All groups time inference (``torch.no_grad()``; the ``fwd`` mode).
 """
 from __future__ import annotations
 
@@ -61,6 +65,9 @@ DECODE_PEER = "transformers causal_conv1d_update"
 COPY_PEER = "copy of state+weights"
 RECOMPUTE_PEER = "recompute window"
 TORCH_STREAM_PEER = "torch cat+conv1d streaming"
+CONV_PEER = "nn.Conv1d on the window"
+# one-sample step of one TCN layer: (C, dilation) per preset
+LAYER_SHAPES = {"full": (64, (1, 64, 512)), "quick": (64, (1, 512)), "tiny": (4, (1, 4))}
 
 
 # --------------------------------------------------------------------------- decode step
@@ -189,6 +196,28 @@ def build_tcn_stream(*, B: int, C: int, layers: int, h: int, device: str, dtype:
     })
 
 
+# --------------------------------------------------------------------------- one layer, one sample
+
+def build_layer_step(*, C: int, dilation: int, device: str, dtype: str, seed: int = 0) -> Setup:
+    """One depthwise TCN layer's one-sample step vs nn.Conv1d computing that output from its window."""
+    g = torch.Generator().manual_seed(seed)
+    dt = getattr(torch, dtype)
+    conv = torch.nn.Conv1d(C, C, TCN_K, dilation=dilation, groups=C).to(device=device, dtype=dt).requires_grad_(False)
+    window = torch.randn(1, C, 1 + (TCN_K - 1) * dilation, generator=g).to(device=device, dtype=dt)
+    layer = StreamingConv1d.from_module(conv)
+    with torch.no_grad():  # prime the state with the window's history
+        layer.reset(1)
+        layer.step(window[..., :-1])
+    sample = window[..., -1:].contiguous()
+    state = layer.state.clone()
+
+    def accel_fn():
+        layer.state.copy_(state)  # every call continues the same history, so its output is the check's
+        return layer.step(sample)
+
+    return no_grad_setup({"accel": accel_fn, CONV_PEER: lambda: conv(window)})
+
+
 # --------------------------------------------------------------------------- cases
 
 def cases(args) -> List[Case]:
@@ -223,5 +252,16 @@ def cases(args) -> List[Case]:
             note=(f"one stream; limit = (W + h - 1) / h, the '{RECOMPUTE_PEER}' ratio if time were proportional "
                   f"to the samples processed (W = receptive field {W}); GELU + residual per layer, dilations "
                   f"1..{2 ** (layers - 1)}"),
+        ))
+    C, dilations = LAYER_SHAPES[size]
+    for d in dilations:
+        params = dict(C=C, dilation=d, device=device, dtype=dtype)
+        out.append(Case(
+            op="streaming", group=f"one layer, one sample (C{C} K{TCN_K} depthwise), {device} {dtype}",
+            name=f"dilation {d}", mode="fwd", builder=build_layer_step, params=params, peers=(CONV_PEER,),
+            check=(CONV_PEER,), tol=tolerance(dtype, "fwd"), warm_params=params,
+            note=(f"accel: StreamingConv1d.step of one sample (with the state reset to the same history each "
+                  f"call); '{CONV_PEER}': nn.Conv1d on the 1 + (K-1)*dilation samples that output reads; the "
+                  "accel ms column is the per-layer cost of a one-sample step"),
         ))
     return out
