@@ -348,15 +348,19 @@ bool depthwise_short(const Problem<scalar_t>& p, int64_t b, int64_t s, int64_t c
   return false;
 }
 
+// Waking the other threads costs more than a small call (a TCN layer at one sample) takes.
+inline bool small_call(const Geometry& g) {
+  const int64_t work = g.batch * (g.c_in * (g.state_len + g.chunk) + g.c_out * g.chunk * g.c_in_per_group * g.kernel);
+  return work < kMinParallelWork;
+}
+
 template <typename scalar_t>
 void run_direct(const Problem<scalar_t>& p) {
   using acc_t = at::opmath_type<scalar_t>;
   const Geometry& g = p.g;
   const int64_t groups_per_block = std::max<int64_t>(1, kBlockChannels / std::max<int64_t>(1, g.c_in_per_group));
   const int64_t blocks = (g.groups + groups_per_block - 1) / groups_per_block;
-  // Waking the other threads costs more than a small step (a TCN layer at one sample) takes.
-  const int64_t work = g.batch * (g.c_in * (g.state_len + g.chunk) + g.c_out * g.chunk * g.c_in_per_group * g.kernel);
-  const int64_t tasks = work < kMinParallelWork ? 1 : g.batch * blocks;
+  const int64_t tasks = small_call(g) ? 1 : g.batch * blocks;
   parallel_task_workers(tasks, [&](TaskCursor& cursor) {
     TaskCursor serial(g.batch * blocks);
     TaskCursor& next = tasks == 1 ? serial : cursor;
@@ -402,7 +406,10 @@ void run_gemm(const Problem<scalar_t>& p) {
   const Geometry& g = p.g;
   const int64_t CK = g.c_in_per_group * g.kernel;
   const int64_t n_tiles = (g.chunk + kTile - 1) / kTile;
-  parallel_task_workers(g.batch * g.groups * n_tiles, [&](TaskCursor& next) {
+  const bool serial = small_call(g);
+  parallel_task_workers(serial ? 1 : g.batch * g.groups * n_tiles, [&](TaskCursor& cursor) {
+    TaskCursor one_thread(g.batch * g.groups * n_tiles);
+    TaskCursor& next = serial ? one_thread : cursor;
     std::vector<float> col(CK * kTile), acc(kRows * kTile);
     for (int64_t task = next.next(); task >= 0; task = next.next()) {
       const int64_t tile = task % n_tiles, grp = (task / n_tiles) % g.groups, b = task / (n_tiles * g.groups);
@@ -429,7 +436,7 @@ void run_gemm(const Problem<scalar_t>& p) {
   });
   // Every tile has read the old state; now advance it.
   const int64_t blocks = (g.c_in + kBlockChannels - 1) / kBlockChannels;
-  at::parallel_for(0, g.batch * blocks, 1, [&](int64_t lo, int64_t hi) {
+  at::parallel_for(0, g.batch * blocks, serial ? g.batch * blocks : 1, [&](int64_t lo, int64_t hi) {
     for (int64_t task = lo; task < hi; ++task) {
       const int64_t b = task / blocks, c0 = (task % blocks) * kBlockChannels, s = p.slot(b);
       if (s >= 0) advance_state(p.slot_state(s), p.x, b, c0, std::min(g.c_in, c0 + kBlockChannels), g.state_len, g.chunk);
