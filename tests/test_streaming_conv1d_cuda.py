@@ -12,8 +12,8 @@ pytestmark = [
 
 import accel.reference as ref  # noqa: E402
 from accel.ops import streaming_conv1d  # noqa: E402
+from test_streaming_conv1d import TOL, _inputs  # noqa: E402  (tests/ is on sys.path)
 
-TOL = {torch.float64: 1e-10, torch.float32: 1e-5, torch.bfloat16: 2e-2, torch.float16: 2e-3}
 # (B, C_in, C_out, groups, K, dilation, h, extra state, activation, indexed)
 GRID = [
     (32, 2048, 2048, 2048, 4, 1, 1, 0, "silu", False),
@@ -23,20 +23,6 @@ GRID = [
     (2, 16, 16, 1, 3, 64, 300, 5, "relu", False),
     (1, 8, 8, 1, 1, 1, 5, 0, None, False),
 ]
-
-
-def _inputs(dtype, B, cin, cout, groups, K, d, h, extra, indexed):
-    g = torch.Generator().manual_seed(B * cin + h)
-    slots = B + 3 if indexed else B
-    x = torch.randn(B, cin, h, generator=g, dtype=torch.float64)
-    state = torch.randn(slots, cin, (K - 1) * d + extra, generator=g, dtype=torch.float64)
-    w = torch.randn(cout, cin // groups, K, generator=g, dtype=torch.float64) / (cin // groups * K) ** 0.5
-    b = torch.randn(cout, generator=g, dtype=torch.float64)
-    idx = None
-    if indexed:
-        idx = torch.randperm(slots, generator=g)[:B].to(torch.int32)
-        idx[B // 2] = -1
-    return [t.to(dtype) for t in (x, state, w, b)] + [idx]
 
 
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.bfloat16, torch.float16], ids=str)

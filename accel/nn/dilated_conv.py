@@ -17,6 +17,20 @@ def _single(v, name):
     return int(v)
 
 
+def share_conv(cls, conv: nn.Conv1d, activation: Optional[str]):
+    """``cls`` built with ``conv``'s arguments on the meta device, then given ``conv``'s parameters (shared,
+    not copied) and training mode: the ``from_module`` of the conv-like modules."""
+    new = cls(
+        conv.in_channels, conv.out_channels, conv.kernel_size, stride=conv.stride, padding=conv.padding,
+        dilation=conv.dilation, groups=conv.groups, bias=conv.bias is not None, padding_mode=conv.padding_mode,
+        device="meta", dtype=conv.weight.dtype, activation=activation,
+    )
+    new.weight = conv.weight
+    new.bias = conv.bias
+    new.train(conv.training)
+    return new
+
+
 class DilatedConv1d(nn.Conv1d):
     """``nn.Conv1d`` look-alike (stride 1, zeros padding) running accel's dilated convolution kernel.
 
@@ -68,15 +82,7 @@ class DilatedConv1d(nn.Conv1d):
         """Wrap an existing ``nn.Conv1d``; the parameters are shared, not copied."""
         if not isinstance(conv, nn.Conv1d):
             raise TypeError(f"DilatedConv1d.from_module expects an nn.Conv1d, got {type(conv).__name__}")
-        new = cls(
-            conv.in_channels, conv.out_channels, conv.kernel_size, stride=conv.stride, padding=conv.padding,
-            dilation=conv.dilation, groups=conv.groups, bias=conv.bias is not None, padding_mode=conv.padding_mode,
-            device="meta", dtype=conv.weight.dtype, activation=activation,
-        )
-        new.weight = conv.weight
-        new.bias = conv.bias
-        new.train(conv.training)
-        return new
+        return share_conv(cls, conv, activation)
 
     def forward(self, x: Tensor, residual: Optional[Tensor] = None) -> Tensor:
         unbatched = x.dim() == 2

@@ -6,6 +6,7 @@ from typing import Optional, Tuple, Union
 import torch
 from torch import Tensor, nn
 
+from accel.nn.dilated_conv import share_conv
 from accel.ops.streaming_conv1d import streaming_conv1d
 
 Padding = Union[str, int, Tuple[int]]
@@ -153,15 +154,7 @@ class StreamingConv1d(nn.Module):
                             f"got {type(conv).__name__}")
         if activation is None:
             activation = getattr(conv, "activation", None)
-        new = cls(
-            conv.in_channels, conv.out_channels, conv.kernel_size, stride=conv.stride, padding=conv.padding,
-            dilation=conv.dilation, groups=conv.groups, bias=conv.bias is not None, padding_mode=conv.padding_mode,
-            device="meta", dtype=conv.weight.dtype, activation=activation,
-        )
-        new.weight = conv.weight
-        new.bias = conv.bias
-        new.train(conv.training)
-        return new
+        return share_conv(cls, conv, activation)
 
     @property
     def span(self) -> int:
