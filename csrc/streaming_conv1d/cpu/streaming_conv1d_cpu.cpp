@@ -1,15 +1,18 @@
 // CPU backend of accel::streaming_conv1d (see streaming_conv1d.h for the formula).
 //
 // The chunk is never concatenated to the state: every kernel reads u[ci, j] from the state row for
-// j < L_s and from the chunk otherwise. Two paths:
-//  * direct (few channels per group: depthwise, the hybrid models' decode step): a task is a batch
-//    row and a block of groups; it computes the block's outputs (scalar taps for short chunks, a
-//    vectorised pass over fp32 staging rows for long ones), then advances the block's state rows,
-//    which are one contiguous run of memory: one memmove by the chunk length, then the new samples
-//    into each row's tail. One pass over the state, read and written once.
+// j < L_s and from the chunk otherwise. Three paths:
+//  * one-sample depthwise step (the hybrid models' decode): a task is a batch row and a block of
+//    channels; eight rows at a time are loaded and transposed in registers with their weights (AVX2,
+//    K <= 4 at dilation 1), then moved by one sample; the state is read and written once.
+//  * direct (few channels per group, other chunks): per block of groups, the outputs (scalar taps
+//    for short chunks; for long ones vector FMAs along time over each tap's samples, read in place),
+//    then the block's state rows, one contiguous run of memory, advanced by one memmove and the new
+//    samples into each row's tail.
 //  * GEMM (>= 4 input and output channels per group, fp32/bf16/fp16): im2col tiles built from the
 //    two sources, multiplied with oneDNN's brgemm (as the dilated convolution's GEMM path); the
 //    state is advanced in a second parallel pass, after every tile that reads it.
+// Calls with little work run on one thread.
 #include <ATen/ATen.h>
 #include <ATen/Dispatch.h>
 #include <ATen/OpMathType.h>
