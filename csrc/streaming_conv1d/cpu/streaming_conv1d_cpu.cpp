@@ -96,11 +96,20 @@ struct Problem {
   scalar_t* out_row(int64_t b, int64_t co) const { return out + (b * g.c_out + co) * g.chunk; }
 };
 
+// A direct-path worker's buffers, sized once and reused across its tasks.
+template <typename acc_t>
+struct Scratch {
+  std::vector<acc_t> stage, acc;
+  std::vector<const acc_t*> tap;
+};
+
 // Direct path, one group of one live row: outputs of the group's channels for every t.
 template <typename scalar_t>
-void direct_group(const Problem<scalar_t>& p, int64_t b, int64_t s, int64_t grp, std::vector<at::opmath_type<scalar_t>>& stage,
-                  std::vector<at::opmath_type<scalar_t>>& acc) {
+void direct_group(const Problem<scalar_t>& p, int64_t b, int64_t s, int64_t grp, Scratch<at::opmath_type<scalar_t>>& sc) {
   using acc_t = at::opmath_type<scalar_t>;
+  auto& stage = sc.stage;
+  auto& acc = sc.acc;
+  auto& tap = sc.tap;
   const Geometry& g = p.g;
   const int64_t cig = g.c_in_per_group, K = g.kernel, d = g.dilation, ls = g.state_len, h = g.chunk;
   const scalar_t* srows = p.slot_state(s) + grp * cig * ls;
@@ -132,7 +141,7 @@ void direct_group(const Problem<scalar_t>& p, int64_t b, int64_t s, int64_t grp,
   constexpr int64_t V = Vec::size();
   stage.resize(cig * K * kTile);
   acc.resize(kTile);
-  std::vector<const acc_t*> tap(cig * K);
+  tap.resize(cig * K);
   for (int64_t t0 = 0; t0 < h; t0 += kTile) {
     const int64_t n = std::min(kTile, h - t0);
     for (int64_t ci = 0; ci < cig; ++ci) {
@@ -315,40 +324,17 @@ inline void step_rows(const Problem<scalar_t>& p, int64_t b,
   }
 }
 
-// Depthwise (one input and one output channel per group) short chunks, channels [c0, c1) of one live
-// row: the decode step of the hybrid models, kept to a tight loop as it runs once per channel.
-// A one-sample step also advances each state row as it goes (one pass over the state) and runs the
-// activation vectorised over the block's outputs, which are contiguous; returns whether it advanced
-// the state.
+// One-sample step of depthwise rows [c0, c1) of one live row (the hybrid models' decode): the taps
+// and the state's advance in step_rows, then the activation vectorised over the block's outputs,
+// which are contiguous.
 template <typename scalar_t>
-bool depthwise_short(const Problem<scalar_t>& p, int64_t b, int64_t s, int64_t c0, int64_t c1,
-                     std::vector<at::opmath_type<scalar_t>>& acc) {
+void depthwise_step(const Problem<scalar_t>& p, int64_t b, int64_t s, int64_t c0, int64_t c1,
+                    std::vector<at::opmath_type<scalar_t>>& acc) {
   using acc_t = at::opmath_type<scalar_t>;
-  const Geometry& g = p.g;
-  const int64_t K = g.kernel, d = g.dilation, ls = g.state_len, h = g.chunk;
-  scalar_t* state = p.slot_state(s);
-  if (h == 1) {
-    acc.resize(c1 - c0);
-    step_rows(p, b, state, c0, c1, acc.data());
-    apply_epilogue<acc_t>(acc.data(), nullptr, c1 - c0, g.act);
-    convert_n(acc.data(), p.out_row(b, c0), c1 - c0);  // (b, c, 0) for consecutive c
-    return true;
-  }
-  for (int64_t c = c0; c < c1; ++c) {
-    const acc_t* w = p.w + c * K;
-    const scalar_t* srow = state + c * ls;
-    const scalar_t* xrow = p.x.row(b, c);
-    scalar_t* y = p.out_row(b, c);
-    for (int64_t t = 0; t < h; ++t) {
-      acc_t z = p.bias ? p.bias[c] : acc_t(0);
-      for (int64_t k = 0; k < K; ++k) {
-        const int64_t j = ls + t - (K - 1 - k) * d;
-        z += w[k] * static_cast<acc_t>(j < ls ? srow[j] : xrow[j - ls]);
-      }
-      y[t] = static_cast<scalar_t>(activation_forward(z, g.act));
-    }
-  }
-  return false;
+  acc.resize(c1 - c0);
+  step_rows(p, b, p.slot_state(s), c0, c1, acc.data());
+  apply_epilogue<acc_t>(acc.data(), nullptr, c1 - c0, p.g.act);
+  convert_n(acc.data(), p.out_row(b, c0), c1 - c0);  // (b, c, 0) for consecutive c
 }
 
 // Waking the other threads costs more than a small call (a TCN layer at one sample) takes.
@@ -367,7 +353,7 @@ void run_direct(const Problem<scalar_t>& p) {
   parallel_task_workers(tasks, [&](TaskCursor& cursor) {
     TaskCursor serial(g.batch * blocks);
     TaskCursor& next = tasks == 1 ? serial : cursor;
-    std::vector<acc_t> stage, acc;
+    Scratch<acc_t> scratch;
     for (int64_t task = next.next(); task >= 0; task = next.next()) {
       const int64_t b = task / blocks, g0 = (task % blocks) * groups_per_block;
       const int64_t g1 = std::min(g.groups, g0 + groups_per_block);
@@ -376,15 +362,12 @@ void run_direct(const Problem<scalar_t>& p) {
         std::fill_n(p.out_row(b, g0 * g.c_out_per_group), (g1 - g0) * g.c_out_per_group * g.chunk, scalar_t(0));
         continue;
       }
-      bool advanced = false;
-      if (g.c_in_per_group == 1 && g.c_out_per_group == 1 && g.chunk < kScalarChunk) {
-        advanced = depthwise_short(p, b, s, g0, g1, acc);
-      } else {
-        for (int64_t grp = g0; grp < g1; ++grp) direct_group(p, b, s, grp, stage, acc);
+      if (g.c_in_per_group == 1 && g.c_out_per_group == 1 && g.chunk == 1) {
+        depthwise_step(p, b, s, g0, g1, scratch.acc);
+        continue;
       }
-      if (!advanced) {
-        advance_state(p.slot_state(s), p.x, b, g0 * g.c_in_per_group, g1 * g.c_in_per_group, g.state_len, g.chunk);
-      }
+      for (int64_t grp = g0; grp < g1; ++grp) direct_group(p, b, s, grp, scratch);
+      advance_state(p.slot_state(s), p.x, b, g0 * g.c_in_per_group, g1 * g.c_in_per_group, g.state_len, g.chunk);
     }
   });
 }
