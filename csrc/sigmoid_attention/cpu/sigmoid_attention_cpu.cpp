@@ -31,6 +31,7 @@
 #include <string>
 #include <vector>
 
+#include "common/cpu_avx2_math.h"
 #include "common/cpu_avx512_math.h"
 #include "common/cpu_isa.h"
 #include "common/parallel.h"
@@ -180,28 +181,10 @@ Packed<T> pack_transposed(const Problem& p, const src_t* base, std::array<int64_
 // ------------------------------------------------------------------ elementwise
 // sigmoid(x) = 1 / (1 + 2^t) with t = -x log2(e). The logit's affine map is folded into t:
 // t = a s + c (+ alibi_coef |dpos - col|), a = -scale log2 e, c = -bias log2 e.
-// 2^t: t clamped to [-126, 126] (sigmoid is then 0 or 1 to fp32 precision), t = n + f with
-// |f| <= 1/2, 2^f by a degree-5 polynomial (relative error 2.3e-7), 2^n through the exponent
-// bits; the reciprocal is rcp + one Newton step (about 1e-7 relative).
-constexpr float kLog2e = 1.4426950408889634f;
-// 2^f, degree 5, fitted for relative error: on [-1/2, 1/2] (AVX2, t = round(t) + f; max 2.3e-7
-// in fp32) and on [0, 1) (AVX-512, t = floor(t) + f from one vreduceps; max 1.6e-7).
-constexpr float kExp2[6] = {1.0000001192092896f, 0.6931469440460205f, 0.24022120237350464f,
-                            0.05550713092088699f, 0.009675541892647743f, 0.001327647129073739f};
-
+// 2^t and the reciprocal: cpu::sigmoid_of_t (common/cpu_avx2_math.h).
+using cpu::kLog2e;
 #if defined(__AVX2__) && defined(__FMA__)
-inline __m256 sigmoid_of_t(__m256 t) {
-  const __m256 lo = _mm256_set1_ps(-126.f), hi = _mm256_set1_ps(126.f);
-  t = _mm256_min_ps(_mm256_max_ps(t, lo), hi);
-  const __m256 n = _mm256_round_ps(t, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
-  const __m256 f = _mm256_sub_ps(t, n);
-  __m256 q = _mm256_set1_ps(kExp2[5]);
-  for (int i = 4; i >= 0; --i) q = _mm256_fmadd_ps(q, f, _mm256_set1_ps(kExp2[i]));
-  const __m256i e = _mm256_slli_epi32(_mm256_add_epi32(_mm256_cvtps_epi32(n), _mm256_set1_epi32(127)), 23);
-  const __m256 d = _mm256_fmadd_ps(q, _mm256_castsi256_ps(e), _mm256_set1_ps(1.f));
-  const __m256 r = _mm256_rcp_ps(d);
-  return _mm256_mul_ps(r, _mm256_fnmadd_ps(d, r, _mm256_set1_ps(2.f)));
-}
+using cpu::sigmoid_of_t;
 #endif
 
 #if defined(__x86_64__) && (defined(__GNUC__) || defined(__clang__))
