@@ -12,8 +12,9 @@ from accel.ops import dilated_conv1d, streaming_conv1d
 TOL = {torch.float64: 1e-10, torch.float32: 1e-5, torch.bfloat16: 2e-2, torch.float16: 2e-3}
 
 # (B, C_in, C_out, groups, K, dilation, h, extra state, activation, indexed): depthwise decode (the
-# hybrid models' step, with the vectorised eight-row path from 9 channels: K <= 4, state K-1 or
-# longer), depthwise long chunks, grouped, dense (the GEMM path from 4 channels per group)
+# hybrid models' step, with the vectorised eight-row paths from 8 or 9 channels: K <= 4, a state of
+# three samples or another one of at most four), depthwise long chunks, grouped, dense (the GEMM
+# path from 4 channels per group)
 GRID = [
     (3, 6, 6, 6, 4, 1, 1, 0, "silu", False),
     (4, 33, 33, 33, 4, 1, 1, 1, "silu", True),
@@ -21,6 +22,9 @@ GRID = [
     (2, 27, 27, 27, 3, 1, 1, 0, "gelu", False),
     (2, 19, 19, 19, 2, 1, 1, 0, None, False),
     (2, 21, 21, 21, 3, 1, 1, 2, "relu", False),
+    (2, 35, 35, 35, 2, 1, 1, 2, "silu", True),
+    (3, 64, 64, 64, 3, 1, 1, 1, "gelu", False),
+    (2, 17, 17, 17, 2, 1, 1, 3, "relu", False),
     (2, 5, 5, 5, 3, 4, 7, 0, None, False),
     (2, 7, 7, 7, 5, 3, 129, 2, "gelu", True),
     (2, 300, 300, 300, 2, 64, 1, 0, None, False),
@@ -243,7 +247,7 @@ import accel.reference as ref
 from accel.ops import streaming_conv1d
 for dtype in (torch.float32, torch.bfloat16, torch.float16):
     for C in (9, 10, 11, 17, 25, 265):
-        for K, ls in ((2, 1), (3, 2), (4, 3), (4, 4), (2, 4), (3, 3)):
+        for K, ls in ((2, 1), (3, 2), (4, 3), (4, 4), (2, 4), (3, 3), (2, 3), (3, 4)):
             state, keep = _guarded_state((1, C, ls), dtype)
             state.copy_(torch.randn(1, C, ls))
             w = torch.randn(C, 1, K).to(dtype)[-C:]

@@ -3,8 +3,9 @@
 // The chunk is never concatenated to the state: every kernel reads u[ci, j] from the state row for
 // j < L_s and from the chunk otherwise. Three paths:
 //  * one-sample depthwise step (the hybrid models' decode): a task is a batch row and a block of
-//    channels; eight rows at a time are loaded and transposed in registers with their weights (AVX2,
-//    K <= 4 at dilation 1), then moved by one sample; the state is read and written once.
+//    channels; eight rows at a time are loaded and transposed in registers (AVX2, K <= 4 at
+//    dilation 1; weights rearranged once per call), then moved by one sample; the state is read
+//    and written once, the activation applied in a second pass over the block.
 //  * direct (few channels per group, other chunks): per block of groups, the outputs (scalar taps
 //    for short chunks; for long ones vector FMAs along time over each tap's samples, read in place),
 //    then the block's state rows, one contiguous run of memory, advanced by one memmove and the new
@@ -86,7 +87,8 @@ struct Problem {
   const Geometry& g;
   Chunk<scalar_t> x;
   scalar_t* state;
-  const acc_t* w;     // (C_out, C_in/groups, K), opmath type
+  const acc_t* w;     // (C_out, C_in/groups, K), opmath type; null for the one-sample depthwise step
+  const acc_t* wt;    // that step's weights, see tap_weight; null otherwise
   const acc_t* bias;  // (C_out,) or null
   const int32_t* slots;
   scalar_t* out;      // (B, C_out, h) contiguous
@@ -181,6 +183,13 @@ void direct_group(const Problem<scalar_t>& p, int64_t b, int64_t s, int64_t grp,
   }
 }
 
+// The one-sample depthwise step reads the weights as wt[(c / 8) * 8K + k * 8 + c % 8] (eight
+// channels' tap k side by side, in the accumulation type, built once per call) so that a tap of eight channels is one
+// vector load.
+// (acc_t: fp64 stays fp64.)
+template <typename acc_t>
+inline acc_t tap_weight(const acc_t* wt, int64_t K, int64_t c, int64_t k) { return wt[(c >> 3) * 8 * K + k * 8 + (c & 7)]; }
+
 #if defined(__AVX2__) && defined(__F16C__)
 // (Always inlined: the transposed columns must stay in registers.)
 // Samples [0, 4) of a state row as fp32.
@@ -209,6 +218,35 @@ C10_ALWAYS_INLINE __m256 load8(const scalar_t* p) {
   }
 }
 
+// Stores eight samples read from the state or the chunk (exact in scalar_t: bf16 truncates).
+template <typename scalar_t>
+C10_ALWAYS_INLINE void store8_exact(scalar_t* p, __m256 v) {
+  if constexpr (std::is_same_v<scalar_t, float>) {
+    _mm256_storeu_ps(p, v);
+  } else if constexpr (std::is_same_v<scalar_t, c10::BFloat16>) {
+    const __m256i h = _mm256_srli_epi32(_mm256_castps_si256(v), 16);
+    const __m256i packed = _mm256_permute4x64_epi64(_mm256_packus_epi32(h, h), 0x08);
+    _mm_storeu_si128(reinterpret_cast<__m128i*>(p), _mm256_castsi256_si128(packed));
+  } else {
+    _mm_storeu_si128(reinterpret_cast<__m128i*>(p), _mm256_cvtps_ph(v, _MM_FROUND_TO_NEAREST_INT));
+  }
+}
+
+// Stores eight outputs rounded to nearest even (NaN stays NaN), as c10's conversions round.
+template <typename scalar_t>
+C10_ALWAYS_INLINE void store8_rounded(scalar_t* p, __m256 v) {
+  if constexpr (std::is_same_v<scalar_t, c10::BFloat16>) {
+    const __m256i bits = _mm256_castps_si256(v);
+    const __m256i odd = _mm256_and_si256(_mm256_srli_epi32(bits, 16), _mm256_set1_epi32(1));
+    __m256i r = _mm256_add_epi32(bits, _mm256_add_epi32(odd, _mm256_set1_epi32(0x7FFF)));
+    const __m256i nan = _mm256_castps_si256(_mm256_cmp_ps(v, v, _CMP_UNORD_Q));
+    r = _mm256_blendv_epi8(r, _mm256_set1_epi32(0x7FC00000), nan);
+    store8_exact(p, _mm256_castsi256_ps(r));
+  } else {
+    store8_exact(p, v);  // fp32 as is; _mm256_cvtps_ph rounds to nearest even
+  }
+}
+
 // Four samples from each of eight rows `stride` apart, transposed: col[j] holds sample j of the rows.
 template <typename scalar_t>
 C10_ALWAYS_INLINE void load_cols8(const scalar_t* r, int64_t stride, __m256 col[4]) {
@@ -224,24 +262,64 @@ C10_ALWAYS_INLINE void load_cols8(const scalar_t* r, int64_t stride, __m256 col[
   col[3] = _mm256_shuffle_ps(t1, t3, 0xEE);
 }
 
-// One-sample depthwise step of eight rows at dilation 1 with kK <= 4 taps and a state of ls <= 4
-// samples whose taps start at sample kFirst (the hybrid models' shapes): the rows' state and their
-// weights (fp32, (C, kK)) are loaded four samples a row and transposed to vectors of eight
-// channels, so each tap is one FMA per eight channels; z[0, 8) gets bias + taps. Then the rows
-// (8 * ls contiguous samples) move by one sample: ls vector moves, each load one sample ahead of
-// its store (the last reads one sample past the rows, which the caller provides), and the new
-// samples go to the rows' last places. Loads four samples from each row start: the caller keeps
-// them inside the tensors.
-template <int kK, int kFirst, typename scalar_t>
-C10_ALWAYS_INLINE void step8(scalar_t* r, int64_t ls, const float* w, const float* bias, __m256 xv, const scalar_t* x, int64_t sc,
-                  float* z) {
-  __m256 s[4], wc[4];
-  load_cols8(r, ls, s);
-  load_cols8(w, kK, wc);
+// act(bias + taps) of eight channels from their transposed samples s[kFirst, kFirst + kK - 1) and
+// the new sample xv (the scalar tail's order of sums), stored rounded to y[0, 8).
+template <int kK, int kFirst, Activation kAct, typename scalar_t>
+C10_ALWAYS_INLINE void outputs8(const __m256* s, __m256 xv, const float* wt, const float* bias, scalar_t* y, float* z) {
   __m256 acc = bias ? _mm256_loadu_ps(bias) : _mm256_setzero_ps();
-  acc = _mm256_fmadd_ps(wc[kK - 1], xv, acc);
-  for (int k = 0; k + 1 < kK; ++k) acc = _mm256_fmadd_ps(wc[k], s[kFirst + k], acc);
-  _mm256_storeu_ps(z, acc);
+  acc = _mm256_fmadd_ps(_mm256_loadu_ps(wt + (kK - 1) * 8), xv, acc);
+  for (int k = 0; k + 1 < kK; ++k) acc = _mm256_fmadd_ps(_mm256_loadu_ps(wt + k * 8), s[kFirst + k], acc);
+  if constexpr (kAct == Activation::None) {
+    store8_rounded(y, acc);
+  } else {
+    _mm256_storeu_ps(z, acc);
+  }
+}
+
+// Eight rows of a three-sample state (K = 4 at dilation 1, the hybrid models' shape): the rows are 24
+// contiguous samples, read as three vectors and de-interleaved with blends and one permute per
+// column. Reads and writes exactly the eight rows.
+template <int kK, Activation kAct, typename scalar_t>
+C10_ALWAYS_INLINE void step8_ls3(scalar_t* r, __m256 xv, const scalar_t* x, int64_t sc, const float* wt, const float* bias,
+                                 scalar_t* y, float* z) {
+  const __m256 a = load8(r), b = load8(r + 8), c = load8(r + 16);
+  const __m256i by3 = _mm256_setr_epi32(0, 3, 6, 1, 4, 7, 2, 5);
+  __m256 s[3];
+  s[0] = _mm256_permutevar8x32_ps(_mm256_blend_ps(_mm256_blend_ps(a, b, 0x92), c, 0x24), by3);
+  s[1] = _mm256_permutevar8x32_ps(_mm256_blend_ps(_mm256_blend_ps(a, b, 0x24), c, 0x49),
+                                  _mm256_setr_epi32(1, 4, 7, 2, 5, 0, 3, 6));
+  s[2] = _mm256_permutevar8x32_ps(_mm256_blend_ps(_mm256_blend_ps(a, b, 0x49), c, 0x92),
+                                  _mm256_setr_epi32(2, 5, 0, 3, 6, 1, 4, 7));
+  outputs8<kK, 3 - (kK - 1), kAct>(s, xv, wt, bias, y, z);
+  // The rows move by one sample (all loads before the stores; the last sample moved is the rows'
+  // own last), then the eight new samples go in place: fewer shuffles than interleaving the
+  // columns back, and no narrowing for 16-bit samples.
+  if constexpr (sizeof(scalar_t) == 4) {
+    const __m256 h0 = _mm256_loadu_ps(reinterpret_cast<const float*>(r + 1));
+    const __m256 h1 = _mm256_loadu_ps(reinterpret_cast<const float*>(r + 9));
+    const __m256 t = _mm256_loadu_ps(reinterpret_cast<const float*>(r + 16));
+    _mm256_storeu_ps(reinterpret_cast<float*>(r), h0);
+    _mm256_storeu_ps(reinterpret_cast<float*>(r + 8), h1);
+    _mm256_storeu_ps(reinterpret_cast<float*>(r + 16), _mm256_permutevar8x32_ps(t, _mm256_setr_epi32(1, 2, 3, 4, 5, 6, 7, 7)));
+  } else {
+    const __m256i head = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(r + 1));
+    const __m128i tail = _mm_loadu_si128(reinterpret_cast<const __m128i*>(r + 16));
+    _mm256_storeu_si256(reinterpret_cast<__m256i*>(r), head);
+    _mm_storeu_si128(reinterpret_cast<__m128i*>(r + 16), _mm_srli_si128(tail, 2));
+  }
+  for (int i = 0; i < 8; ++i) r[3 * i + 2] = x[i * sc];
+}
+
+// Eight rows of any other state of ls <= 4 samples whose taps start at sample kFirst: four samples
+// loaded from each row start and transposed; then the rows (8 * ls contiguous samples) move by one
+// sample: ls vector moves, each load one sample ahead of its store (the last reads one sample past
+// the rows, which the caller provides), and the new samples go to the rows' last places.
+template <int kK, int kFirst, Activation kAct, typename scalar_t>
+C10_ALWAYS_INLINE void step8(scalar_t* r, int64_t ls, const float* wt, const float* bias, __m256 xv,
+                             const scalar_t* x, int64_t sc, scalar_t* y, float* z) {
+  __m256 s[4];
+  load_cols8(r, ls, s);
+  outputs8<kK, kFirst, kAct>(s, xv, wt, bias, y, z);
   for (int64_t j = 0; j < 8 * ls; j += 8) {  // eight samples per move: ls moves
     if constexpr (sizeof(scalar_t) == 4) {
       const __m256i v = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(r + j + 1));
@@ -254,87 +332,115 @@ C10_ALWAYS_INLINE void step8(scalar_t* r, int64_t ls, const float* w, const floa
   for (int64_t i = 0; i < 8; ++i) r[i * ls + ls - 1] = x[i * sc];
 }
 
-// Runs step8<kK, kFirst> over groups [0, m) of rows; false when (K, first) is not a served shape.
-template <typename scalar_t>
-bool step8_rows(int64_t K, int64_t first, scalar_t* rows, int64_t ls, const float* w, const float* bias,
-                const scalar_t* x, int64_t sc, int64_t m, float* z) {
-  auto run = [&](auto kk, auto kf) {
-    constexpr int kK = decltype(kk)::value, kFirst = decltype(kf)::value;
-    alignas(32) float xs[8];
-    for (int64_t i = 0; i < m; i += 8) {
-      __m256 xv;
-      if (sc == 1) {
-        xv = load8(x + i);
-      } else {
-        for (int j = 0; j < 8; ++j) xs[j] = static_cast<float>(x[(i + j) * sc]);
-        xv = _mm256_load_ps(xs);
-      }
-      step8<kK, kFirst>(rows + i * ls, ls, w + i * kK, bias ? bias + i : nullptr, xv, x + i * sc, sc, z + i);
+// Groups [0, m) of eight rows through step8_ls3 (kThree) or step8, m <= kBlockChannels. An
+// activation runs as a second pass over the block's sums: its long dependency chain (exp, divide)
+// per vector then overlaps across vectors, which it does not inside the row moves' loop.
+template <int kK, int kFirst, bool kThree, Activation kAct, typename scalar_t>
+int64_t rows8(int64_t ls, scalar_t* rows, const float* wt, const float* bias, const scalar_t* x, int64_t sc, int64_t m,
+              scalar_t* y) {
+  alignas(32) float xs[8];
+  alignas(32) float z[kBlockChannels];
+  for (int64_t i = 0; i < m; i += 8) {
+    __m256 xv;
+    if (sc == 1) {
+      xv = load8(x + i);
+    } else {
+      for (int j = 0; j < 8; ++j) xs[j] = static_cast<float>(x[(i + j) * sc]);
+      xv = _mm256_load_ps(xs);
     }
-    return true;
+    const float* wg = wt + i * kK;
+    const float* bg = bias ? bias + i : nullptr;
+    if constexpr (kThree) {
+      step8_ls3<kK, kAct>(rows + i * 3, xv, x + i * sc, sc, wg, bg, y + i, z + i);
+    } else {
+      step8<kK, kFirst, kAct>(rows + i * ls, ls, wg, bg, xv, x + i * sc, sc, y + i, z + i);
+    }
+  }
+  if constexpr (kAct != Activation::None) {
+    for (int64_t i = 0; i < m; i += 8) store8_rounded(y + i, activation_vec<kAct>(Vectorized<float>::loadu(z + i)));
+  }
+  return m;
+}
+
+// The vectorised one-sample step over rows [0, n) of a block (dilation 1, K <= 4, ls <= 4): outputs
+// y[0, m) and the rows' advance for the m rows it serves, eight at a time; returns m (0 when
+// (K, ls) is not a served shape). A three-sample state serves every full group of eight; other
+// states load four samples from each row start and read one past the rows when moving them, so
+// their groups stop where those loads would leave the block (other tasks move the neighbouring
+// blocks meanwhile): (m-1)*ls + 4 <= n*ls and m < n.
+template <typename scalar_t>
+int64_t step8_rows(int64_t K, int64_t ls, scalar_t* rows, const float* wt, const float* bias, Activation act,
+                   const scalar_t* x, int64_t sc, int64_t n, scalar_t* y) {
+  const int64_t first = ls - (K - 1);
+  const int64_t m = ls == 3 ? n / 8 * 8 : std::max<int64_t>(0, std::min(n - 1, n - (4 + ls - 1) / ls + 1)) / 8 * 8;
+  auto run = [&](auto kk, auto kf, auto three) {
+    return with_activation(act, [&](auto ka) {
+      return rows8<decltype(kk)::value, decltype(kf)::value, decltype(three)::value, decltype(ka)::value>(
+          ls, rows, wt, bias, x, sc, m, y);
+    });
   };
   using std::integral_constant;
+  using std::false_type;
+  using std::true_type;
+  if (ls == 3) {
+    switch (K) {
+      case 2: return run(integral_constant<int, 2>{}, integral_constant<int, 2>{}, true_type{});
+      case 3: return run(integral_constant<int, 3>{}, integral_constant<int, 1>{}, true_type{});
+      case 4: return run(integral_constant<int, 4>{}, integral_constant<int, 0>{}, true_type{});
+      default: return 0;
+    }
+  }
   switch (K * 8 + first) {
-    case 2 * 8 + 0: return run(integral_constant<int, 2>{}, integral_constant<int, 0>{});
-    case 2 * 8 + 1: return run(integral_constant<int, 2>{}, integral_constant<int, 1>{});
-    case 3 * 8 + 0: return run(integral_constant<int, 3>{}, integral_constant<int, 0>{});
-    case 3 * 8 + 1: return run(integral_constant<int, 3>{}, integral_constant<int, 1>{});
-    case 4 * 8 + 0: return run(integral_constant<int, 4>{}, integral_constant<int, 0>{});
-    case 4 * 8 + 1: return run(integral_constant<int, 4>{}, integral_constant<int, 1>{});
-    default: return false;
+    case 2 * 8 + 0: return run(integral_constant<int, 2>{}, integral_constant<int, 0>{}, false_type{});
+    case 2 * 8 + 1: return run(integral_constant<int, 2>{}, integral_constant<int, 1>{}, false_type{});
+    case 2 * 8 + 3: return run(integral_constant<int, 2>{}, integral_constant<int, 3>{}, false_type{});
+    case 3 * 8 + 0: return run(integral_constant<int, 3>{}, integral_constant<int, 0>{}, false_type{});
+    case 3 * 8 + 2: return run(integral_constant<int, 3>{}, integral_constant<int, 2>{}, false_type{});
+    case 4 * 8 + 1: return run(integral_constant<int, 4>{}, integral_constant<int, 1>{}, false_type{});
+    default: return 0;
   }
 }
 #endif
 
-// One-sample step of depthwise rows [c0, c1): z[c - c0] (before the activation), and each state row
-// advanced by one sample. Rows of the hybrid models' shapes go through step8 eight at a time; the
-// rest take the taps as passes over the channels (independent sums, no chain of dependent FMAs per
-// row) and one move of their rows.
+// One-sample step of depthwise rows [c0, c1) of one live row (the hybrid models' decode): outputs
+// y[b, c0, c1) and each state row advanced by one sample. Rows of the hybrid models' shapes go
+// through the eight-row kernels above; the rest take the taps as passes over the channels
+// (independent sums, no chain of dependent FMAs per row), the activation vectorised over the
+// outputs, and one move of their rows. The block starts at a multiple of eight channels.
 template <typename scalar_t>
-inline void step_rows(const Problem<scalar_t>& p, int64_t b,
-                      scalar_t* __restrict__ state, int64_t c0, int64_t c1, at::opmath_type<scalar_t>* __restrict__ z) {
+void depthwise_step(const Problem<scalar_t>& p, int64_t b, int64_t s, int64_t c0, int64_t c1,
+                    std::vector<at::opmath_type<scalar_t>>& acc) {
   using acc_t = at::opmath_type<scalar_t>;
   const int64_t K = p.g.kernel, d = p.g.dilation, ls = p.g.state_len, first = ls - p.g.span;
   const int64_t n = c1 - c0;
   const scalar_t* __restrict__ x = p.x.row(b, c0);
   const int64_t sc = p.x.sc;
-  scalar_t* __restrict__ rows = state + c0 * ls;
-  const acc_t* __restrict__ w = p.w + c0 * K;
+  scalar_t* __restrict__ rows = p.slot_state(s) + c0 * ls;
+  scalar_t* y = p.out_row(b, c0);  // (b, c, 0) for consecutive c
+  const acc_t* wt = p.wt + c0 * K;
+  const acc_t* bias = p.bias ? p.bias + c0 : nullptr;
   int64_t done = 0;
 #if defined(__AVX2__) && defined(__F16C__)
   if constexpr (std::is_same_v<acc_t, float>) {
-    // Groups of eight rows [0, m) whose loads stay inside this block's rows (other tasks move the
-    // neighbouring blocks meanwhile): four samples from each row start, (m-1)*ls + 4 <= n*ls, and
-    // the first sample of row m, read by the moves, so m < n. The rest runs below.
-    if (d == 1 && ls >= 1 && ls <= 4) {
-      const int64_t last = std::min(n - 1, n - (4 + ls - 1) / ls + 1);
-      const int64_t m = std::max<int64_t>(0, last) / 8 * 8;
-      if (step8_rows(K, first, rows, ls, p.w + c0 * K, p.bias ? p.bias + c0 : nullptr, x, sc, m, z)) done = m;
-    }
+    if (d == 1 && ls >= 1 && ls <= 4) done = step8_rows(K, ls, rows, wt, bias, p.g.act, x, sc, n, y);
   }
 #endif
-  for (int64_t i = done; i < n; ++i) z[i] = (p.bias ? p.bias[c0 + i] : acc_t(0)) + w[i * K + K - 1] * static_cast<acc_t>(x[i * sc]);
+  if (done == n) return;
+  acc.resize(n - done);
+  acc_t* __restrict__ z = acc.data();
+  for (int64_t i = done; i < n; ++i) {
+    z[i - done] = (bias ? bias[i] : acc_t(0)) + tap_weight(wt, K, i, K - 1) * static_cast<acc_t>(x[i * sc]);
+  }
   for (int64_t k = 0; k + 1 < K; ++k) {
     const scalar_t* __restrict__ tap = rows + first + k * d;
-    for (int64_t i = done; i < n; ++i) z[i] += w[i * K + k] * static_cast<acc_t>(tap[i * ls]);
+    for (int64_t i = done; i < n; ++i) z[i - done] += tap_weight(wt, K, i, k) * static_cast<acc_t>(tap[i * ls]);
   }
-  if (ls > 0 && done < n) {
+  apply_epilogue<acc_t>(z, nullptr, n - done, p.g.act);
+  convert_n(z, y + done, n - done);
+  if (ls > 0) {
     std::memmove(rows + done * ls, rows + done * ls + 1, static_cast<size_t>((n - done) * ls - 1) * sizeof(scalar_t));
     for (int64_t i = done; i < n; ++i) rows[i * ls + ls - 1] = x[i * sc];
   }
-}
-
-// One-sample step of depthwise rows [c0, c1) of one live row (the hybrid models' decode): the taps
-// and the state's advance in step_rows, then the activation vectorised over the block's outputs,
-// which are contiguous.
-template <typename scalar_t>
-void depthwise_step(const Problem<scalar_t>& p, int64_t b, int64_t s, int64_t c0, int64_t c1,
-                    std::vector<at::opmath_type<scalar_t>>& acc) {
-  using acc_t = at::opmath_type<scalar_t>;
-  acc.resize(c1 - c0);
-  step_rows(p, b, p.slot_state(s), c0, c1, acc.data());
-  apply_epilogue<acc_t>(acc.data(), nullptr, c1 - c0, p.g.act);
-  convert_n(acc.data(), p.out_row(b, c0), c1 - c0);  // (b, c, 0) for consecutive c
 }
 
 // Waking the other threads costs more than a small call (a TCN layer at one sample) takes.
@@ -430,6 +536,31 @@ void run_gemm(const Problem<scalar_t>& p) {
   });
 }
 
+// The one-sample depthwise step's weights (see tap_weight) from a contiguous (C, 1, K) weight; the
+// channels past C in the last group of eight are zero.
+template <typename scalar_t>
+std::vector<at::opmath_type<scalar_t>> transposed_taps(const Tensor& weight, int64_t C, int64_t K) {
+  using acc_t = at::opmath_type<scalar_t>;
+  const scalar_t* src = weight.const_data_ptr<scalar_t>();
+  std::vector<acc_t> wt(static_cast<size_t>((C + 7) / 8 * 8 * K), acc_t(0));
+  int64_t c = 0;
+#if defined(__AVX2__) && defined(__F16C__)
+  if constexpr (std::is_same_v<acc_t, float>) {
+    if (K == 4) {  // eight rows of four taps: one transpose per group
+      __m256 cols[4];
+      for (; c + 8 <= C; c += 8) {
+        load_cols8(src + c * 4, 4, cols);
+        for (int k = 0; k < 4; ++k) _mm256_storeu_ps(wt.data() + c * 4 + k * 8, cols[k]);
+      }
+    }
+  }
+#endif
+  for (; c < C; ++c) {
+    for (int64_t k = 0; k < K; ++k) wt[(c >> 3) * 8 * K + k * 8 + (c & 7)] = static_cast<acc_t>(src[c * K + k]);
+  }
+  return wt;
+}
+
 bool gemm_path_applies(const Geometry& g, at::ScalarType dtype) {
   const bool dtype_ok = dtype == at::kFloat || dtype == at::kBFloat16 || dtype == at::kHalf;
   return dtype_ok && g.c_in_per_group >= 4 && g.c_out_per_group >= 4;
@@ -445,16 +576,31 @@ Tensor streaming_conv1d_cpu(const Tensor& x_, const Tensor& state, const Tensor&
   const Tensor x = g.chunk > 1 && x_.stride(2) != 1 ? x_.contiguous() : x_;
   const bool has_bias = bias_.has_value() && bias_->defined();
   const bool indexed = state_indices.has_value() && state_indices->defined();
+  const bool one_sample_depthwise = g.c_in_per_group == 1 && g.c_out_per_group == 1 && g.chunk == 1;
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, x.scalar_type(), "streaming_conv1d_cpu", [&] {
     using acc_t = at::opmath_type<scalar_t>;
     const auto acc_type = c10::CppTypeToScalarType<acc_t>::value;
-    const Tensor w = weight_.to(acc_type).contiguous();
-    const Tensor bias = has_bias ? bias_->to(acc_type).contiguous() : Tensor();
+    // The one-sample step converts its few parameters into vectors (no tensor allocations: its
+    // whole call is a few microseconds at small sizes).
+    Tensor w, bias;
+    std::vector<acc_t> wt, bias_acc;
+    if (one_sample_depthwise) {
+      wt = transposed_taps<scalar_t>(weight_.contiguous(), g.c_out, g.kernel);
+      if (has_bias) {
+        const Tensor bc = bias_->contiguous();
+        bias_acc.resize(g.c_out);
+        convert_n(bc.const_data_ptr<scalar_t>(), bias_acc.data(), g.c_out);
+      }
+    } else {
+      w = weight_.to(acc_type).contiguous();
+      if (has_bias) bias = bias_->to(acc_type).contiguous();
+    }
     const Problem<scalar_t> p{g,
                               {x.const_data_ptr<scalar_t>(), x.stride(0), x.stride(1)},
                               state.mutable_data_ptr<scalar_t>(),
-                              w.const_data_ptr<acc_t>(),
-                              has_bias ? bias.const_data_ptr<acc_t>() : nullptr,
+                              w.defined() ? w.const_data_ptr<acc_t>() : nullptr,
+                              wt.empty() ? nullptr : wt.data(),
+                              !has_bias ? nullptr : bias.defined() ? bias.const_data_ptr<acc_t>() : bias_acc.data(),
                               indexed ? state_indices->const_data_ptr<int32_t>() : nullptr,
                               out.mutable_data_ptr<scalar_t>()};
     if constexpr (std::is_same_v<acc_t, float>) {
