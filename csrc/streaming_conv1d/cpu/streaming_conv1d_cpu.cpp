@@ -44,6 +44,7 @@ constexpr int64_t kBlockChannels = 256;  // input channels per direct-path task:
 constexpr int64_t kScalarChunk = 8;      // shorter chunks take the scalar taps, no staging
 constexpr int64_t kTile = 128;           // outputs per tile along time (staging and GEMM)
 constexpr int64_t kRows = 64;            // output channels per GEMM call
+constexpr int64_t kTasksPerThread = 4;   // direct-path tasks per thread, at least, where channels allow
 constexpr int64_t kMinParallelWork = 1 << 15;  // multiply-adds and state samples of a call run in parallel from here
 
 // The chunk x[b] as rows of a (C_in, h) matrix with unit time stride.
@@ -453,9 +454,18 @@ template <typename scalar_t>
 void run_direct(const Problem<scalar_t>& p) {
   using acc_t = at::opmath_type<scalar_t>;
   const Geometry& g = p.g;
-  const int64_t groups_per_block = std::max<int64_t>(1, kBlockChannels / std::max<int64_t>(1, g.c_in_per_group));
+  const bool serial = small_call(g);
+  int64_t groups_per_block = std::max<int64_t>(1, kBlockChannels / std::max<int64_t>(1, g.c_in_per_group));
+  if (!serial) {
+    // Enough blocks for every thread (a long chunk of one stream with few channels is otherwise one
+    // task); blocks stay a multiple of eight groups, which the one-sample step's rows need.
+    const int64_t want = kTasksPerThread * at::get_num_threads();
+    const int64_t per_row = (want + g.batch - 1) / g.batch;
+    const int64_t fitted = (g.groups + per_row - 1) / per_row;
+    groups_per_block = std::min(groups_per_block, std::max<int64_t>(8, (fitted + 7) / 8 * 8));
+  }
   const int64_t blocks = (g.groups + groups_per_block - 1) / groups_per_block;
-  const int64_t tasks = small_call(g) ? 1 : g.batch * blocks;
+  const int64_t tasks = serial ? 1 : g.batch * blocks;
   parallel_task_workers(tasks, [&](TaskCursor& cursor) {
     TaskCursor serial(g.batch * blocks);
     TaskCursor& next = tasks == 1 ? serial : cursor;
