@@ -88,3 +88,22 @@ def test_compile_fullgraph_cuda():
         x = torch.randn(2, 16, 1, device="cuda")
         torch.testing.assert_close(compiled(x, s1), streaming_conv1d(x, s2, w, groups=16))
     torch.testing.assert_close(s1, s2)
+
+
+def test_cuda_stack_matches_cpu():
+    """accel.nn.StreamingTCN (one streaming_conv1d_stack call per chunk) on CUDA equals it on the CPU."""
+    from accel.nn import TCN, StreamingTCN
+
+    torch.manual_seed(0)
+    tcn = TCN(64, kernel_size=3, num_layers=8, activation="gelu").requires_grad_(False)
+    cpu, gpu = StreamingTCN(tcn), StreamingTCN(TCN(64, kernel_size=3, num_layers=8).cuda())
+    gpu.tcn.load_state_dict(tcn.state_dict())
+    cpu.reset(3)
+    gpu.reset(3)
+    x = torch.randn(3, 64, 200)
+    with torch.no_grad():
+        for t, h in ((0, 1), (1, 64), (65, 135)):
+            torch.testing.assert_close(gpu.step(x[..., t:t + h].cuda()).cpu(), cpu.step(x[..., t:t + h]),
+                                       rtol=1e-4, atol=1e-4)
+    for a, b in zip(gpu._states, cpu._states):
+        torch.testing.assert_close(a.cpu(), b, rtol=1e-4, atol=1e-4)

@@ -345,3 +345,16 @@ def test_batchnorm_eval_streams():
     bn.running_var.uniform_(0.5, 2)
     model = nn.Sequential(nn.Conv1d(2, 4, 3, padding=2), bn, nn.SiLU()).eval()
     check_equal(model, torch.randn(2, 2, 40), chunk_lengths("primes", 40, 3))
+
+
+def test_a_tcn_streams_as_one_stack_call():
+    """accel.nn.TCN, as the model or inside one, becomes one StreamingTCN (one native call per step)."""
+    from accel.nn import StreamingTCN
+
+    tcn, c = build("accel TCN")
+    for model in (tcn, nn.Sequential(nn.Conv1d(c, c, 1), tcn, nn.ReLU())):
+        sm = stream(model.eval())
+        assert [type(m) for m in sm.convs.values()].count(StreamingTCN) == 1
+        x = torch.randn(2, c, 120)
+        got = run_stream(sm, x, chunk_lengths("mixed", 120, 40, seed=1))
+        torch.testing.assert_close(got, model(x), atol=1e-5, rtol=1e-5)

@@ -20,8 +20,8 @@ Groups:
    finds its state in cache; accel, the peer and the yardstick each cycle their own copies. Every
    implementation's first call (the output the check compares) starts from the same state.
 2. ``streaming TCN``: ``accel.nn.TCN`` (10 layers, dilations 1..512, C 64, K 3, GELU + residual:
-   receptive field W = 2047) streamed hop by hop with a stack of ``accel.nn.StreamingConv1d``
-   (``.step(hop, residual=hop)`` per layer) against
+   receptive field W = 2047) streamed hop by hop with ``accel.nn.StreamingTCN`` (``.step(hop)``: one
+   ``streaming_conv1d_stack`` call for the ten layers, as ``stream(tcn)`` runs it) against
 
    * ``recompute window``: the offline TCN (accel's kernels) on the last ``W + h - 1`` samples,
      keeping its last ``h`` outputs: what a stateless server does per hop;
@@ -49,7 +49,7 @@ import torch.nn.functional as F
 
 import accel.ops as ops
 from accel.bench.case import Case, Setup, element_size, no_grad_setup, tolerance
-from accel.nn import TCN, StreamingConv1d
+from accel.nn import TCN, StreamingConv1d, StreamingTCN
 
 # decode step: (B streams, C channels, K) per preset
 DECODE = {"full": (32, 2048, 4), "quick": (8, 1024, 4), "tiny": (2, 16, 4)}
@@ -175,17 +175,12 @@ def build_tcn_stream(*, B: int, C: int, layers: int, h: int, device: str, dtype:
     g = torch.Generator().manual_seed(seed + 1)
     window = torch.randn(B, C, W - 1 + h, generator=g).to(device=device, dtype=getattr(torch, dtype))
     history, hop = window[..., :W - 1], window[..., W - 1:].contiguous()
-    stack = [StreamingConv1d.from_module(c) for c in tcn.layers]
+    stream = StreamingTCN(tcn)
     torch_stream = TorchStreamingTCN(tcn, B)
-
-    def accel_step(x):
-        for m in stack:
-            x = m.step(x, residual=x)
-        return x
+    accel_step = stream.step
 
     with torch.no_grad():  # prime both streams with the window's history
-        for m in stack:
-            m.reset(B)
+        stream.reset(B)
         accel_step(history)
         torch_stream.step(history)
 

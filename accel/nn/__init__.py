@@ -6,9 +6,9 @@ from accel.nn.sigmoid_attention import (
     SigmoidAttention,
     SigmoidMultiheadAttention,
 )
-from accel.nn.streaming_conv import StreamingConv1d
+from accel.nn.streaming_conv import StreamingConv1d, StreamingTCN
 
 __all__ = [
     "DilatedConv1d", "TCN", "FusedMoE", "SigmoidAttention", "SigmoidMultiheadAttention",
-    "AdaptedSigmoidMultiheadAttention", "StreamingConv1d",
+    "AdaptedSigmoidMultiheadAttention", "StreamingConv1d", "StreamingTCN",
 ]

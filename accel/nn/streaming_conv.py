@@ -1,4 +1,5 @@
-"""StreamingConv1d: a 1-D convolution run over a stream of chunks, built on accel.ops.streaming_conv1d."""
+"""StreamingConv1d: a 1-D convolution run over a stream of chunks, built on accel.ops.streaming_conv1d;
+StreamingTCN: an accel.nn.TCN stepped in one call per chunk (accel.ops.streaming_conv1d_stack)."""
 from __future__ import annotations
 
 from typing import Optional, Tuple, Union
@@ -6,8 +7,8 @@ from typing import Optional, Tuple, Union
 import torch
 from torch import Tensor, nn
 
-from accel.nn.dilated_conv import share_conv
-from accel.ops.streaming_conv1d import streaming_conv1d
+from accel.nn.dilated_conv import TCN, share_conv
+from accel.ops.streaming_conv1d import streaming_conv1d, streaming_conv1d_stack
 
 Padding = Union[str, int, Tuple[int]]
 
@@ -249,3 +250,92 @@ class StreamingConv1d(nn.Module):
         if self.activation is not None:
             s += f", activation={self.activation!r}"
         return s + f", delay={self.delay}"
+
+
+class StreamingTCN(nn.Module):
+    """An ``accel.nn.TCN`` run over a stream of chunks (its layers are causal: delay 0), stepped in one
+    native call per chunk (``accel.ops.streaming_conv1d_stack``), where a layer-by-layer step pays the
+    Python and dispatcher cost of every layer. The TCN is held as a submodule (its parameters shared,
+    not copied); every layer's state is a buffer ``state_<i>``, ``(B, channels, (K-1)*dilation_i)``.
+    Outputs equal the TCN's offline outputs on the whole signal."""
+
+    def __init__(self, tcn: TCN):
+        super().__init__()
+        if not isinstance(tcn, TCN):
+            raise TypeError(f"StreamingTCN expects an accel.nn.TCN, got {type(tcn).__name__}")
+        self.tcn = tcn
+        convs = list(tcn.layers)
+        acts = {c.activation for c in convs}
+        if len(acts) != 1:  # accel.nn.TCN builds every layer with the same activation
+            raise ValueError(f"StreamingTCN: the layers must share one activation, got {sorted(map(str, acts))}")
+        self.activation = acts.pop() or "none"
+        self.residual = tcn.residual
+        self.channels = tcn.channels
+        self._dilations = [c.dilation[0] for c in convs]
+        self._groups = [c.groups for c in convs]
+        self._spans = [(c.kernel_size[0] - 1) * c.dilation[0] for c in convs]
+        for i in range(len(convs)):
+            self.register_buffer(f"state_{i}", None, persistent=False)
+        self._lists()
+
+    def _lists(self) -> None:
+        # plain lists of the parameters and states: a step reads them without nn.Module attribute
+        # lookups (microseconds each); rebuilt whenever the module's tensors may have been replaced
+        self._weights = [c.weight for c in self.tcn.layers]
+        self._biases = [c.bias for c in self.tcn.layers]
+        states = [self._buffers[f"state_{i}"] for i in range(len(self._spans))]
+        self._states = states if all(s is not None for s in states) else []
+
+    def _apply(self, fn, *args, **kwargs):
+        out = super()._apply(fn, *args, **kwargs)
+        self._lists()
+        return out
+
+    from_module = classmethod(lambda cls, tcn: cls(tcn))
+
+    def reset(self, batch_size: int = 1) -> None:
+        """Start ``batch_size`` new streams: every layer's state zero (reused when its shape is unchanged)."""
+        if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 0:
+            raise ValueError(f"StreamingTCN.reset: batch_size must be an int >= 0, got {batch_size!r}")
+        w = self._weights[0]
+        states = []
+        for i, span in enumerate(self._spans):
+            state = self._buffers[f"state_{i}"]
+            if state is not None and state.shape == (batch_size, self.channels, span) and state.dtype == w.dtype \
+                    and state.device == w.device:
+                state.zero_()
+            else:
+                state = torch.zeros(batch_size, self.channels, span, dtype=w.dtype, device=w.device)
+                self._buffers[f"state_{i}"] = state
+            states.append(state)
+        self._states = states
+
+    def step(self, chunk: Tensor) -> Tensor:
+        """Feed the next ``h`` samples of each stream, ``(B, channels, h)`` (or ``(channels, h)``); return
+        the TCN's outputs for them, same shape. (dtype, device and channel count are checked natively.)"""
+        if not isinstance(chunk, Tensor) or chunk.dim() not in (2, 3):
+            raise ValueError(f"StreamingTCN.step: chunk must be a (B, channels, h) or (channels, h) tensor, got "
+                             f"{list(chunk.shape) if isinstance(chunk, Tensor) else type(chunk).__name__}")
+        unbatched = chunk.dim() == 2
+        if unbatched:
+            chunk = chunk.unsqueeze(0)
+        if not self._states:
+            self.reset(chunk.shape[0])
+        elif chunk.shape[0] != self._states[0].shape[0]:
+            raise ValueError(f"StreamingTCN.step: chunk has batch size {chunk.shape[0]} but the states hold "
+                             f"{self._states[0].shape[0]} streams; call reset({chunk.shape[0]}) to start new streams")
+        if torch.is_grad_enabled():
+            y = streaming_conv1d_stack(chunk, self._states, self._weights, self._biases, dilations=self._dilations,
+                                       groups=self._groups, activation=self.activation, residual=self.residual)
+        else:  # the arguments are already in the schema's form
+            y = _stack_op(chunk, self._states, self._weights, self._biases, self._dilations, self._groups,
+                          self.activation, self.residual, None)
+        return y.squeeze(0) if unbatched else y
+
+    forward = step
+
+    def extra_repr(self) -> str:
+        return f"channels={self.channels}, num_layers={len(self._spans)}, residual={self.residual}"
+
+
+_stack_op = torch.ops.accel.streaming_conv1d_stack.default

@@ -1,8 +1,9 @@
 """Streaming 1-D convolution: one chunk of a stream through a convolution whose history is a state
-tensor updated in place (the decode step of hybrid language models, a streaming TCN's layer)."""
+tensor updated in place (the decode step of hybrid language models, a streaming TCN's layer), and
+through a stack of them in one call (a TCN's step)."""
 from __future__ import annotations
 
-from typing import Optional
+from typing import Optional, Sequence
 
 import torch
 from torch import Tensor
@@ -14,6 +15,7 @@ from accel.ops._common import fake_dims, fake_same_device, int_arg, size, tensor
 _ext.load()
 
 _NAME = "streaming_conv1d"
+_NAME_STACK = "streaming_conv1d_stack"
 
 
 def _examples(device: torch.device, dtype: torch.dtype):
@@ -31,6 +33,13 @@ def _examples(device: torch.device, dtype: torch.dtype):
                                                                     state_indices=slots)),
         Example("dense GEMM-shaped h37 C9->8 K3 d2 relu", streaming_conv1d, (t(2, 9, 37), t(2, 9, 4), t(8, 9, 3), t(8)),
                 dict(dilation=2, activation="relu")),
+        Example("stack of 3 depthwise h5 K3 d1,2,4 gelu, residual", streaming_conv1d_stack,
+                (t(2, 6, 5), [t(2, 6, 2), t(2, 6, 4), t(2, 6, 9)], [t(6, 1, 3), t(6, 1, 3), t(6, 1, 3)],
+                 [t(6), None, t(6)]),
+                dict(dilations=(1, 2, 4), groups=6, activation="gelu", residual=True)),
+        Example("stack 4->5->3 dense h1, slots with padding row", streaming_conv1d_stack,
+                (t(3, 4, 1), [t(4, 4, 2), t(4, 5, 3)], [t(5, 4, 3), t(3, 5, 2)], [t(5), t(3)]),
+                dict(dilations=(1, 3), activation="silu", state_indices=slots)),
     ]
 
 
@@ -50,11 +59,11 @@ _ALL_FLOATS = (torch.float32, torch.float64, torch.bfloat16, torch.float16)
 CAPABILITY = Capability(
     name="streaming_conv1d",
     summary="one chunk of a stream through a dilated, grouped 1-D convolution; the state is updated in place",
-    functions=("streaming_conv1d",),
-    ops=("streaming_conv1d",),
+    functions=("streaming_conv1d", "streaming_conv1d_stack"),
+    ops=("streaming_conv1d", "streaming_conv1d_stack"),
     dtypes={"cpu": _ALL_FLOATS, "cuda": _ALL_FLOATS},
     examples=_examples,
-    modules=("StreamingConv1d",),
+    modules=("StreamingConv1d", "StreamingTCN"),
     bench="streaming",
     doc="docs/ops/streaming_conv1d.md",
     limits={"state": "(S, C_in, L_s) contiguous, L_s >= (K-1)*dilation",
@@ -135,6 +144,59 @@ def _differentiable(x, state, weight, bias, dilation, groups, act, state_indices
     return y if state_indices is None else torch.where((rows >= 0)[:, None, None], y, 0)
 
 
+def streaming_conv1d_stack(
+    x: Tensor,
+    states: Sequence[Tensor],
+    weights: Sequence[Tensor],
+    biases: Optional[Sequence[Optional[Tensor]]] = None,
+    *,
+    dilations: Sequence[int],
+    groups=1,
+    activation: Optional[str] = None,
+    residual: bool = False,
+    state_indices: Optional[Tensor] = None,
+) -> Tensor:
+    """The chunk through layers ``i = 0 .. n-1`` of streaming convolutions, each as
+    :func:`streaming_conv1d` with ``states[i]``, ``weights[i]``, ``biases[i]``, ``dilations[i]``,
+    ``groups[i]`` (an int: the same for every layer) and the shared ``activation`` and
+    ``state_indices``; with ``residual``, each layer's input is added to its output (after the
+    activation; the channel count must then stay the same)::
+
+        h = x;  h = streaming_conv1d(h, states[i], ...) (+ h)   for each layer;   return h
+
+    One native call for the whole stack: a step of a deep, narrow network (a streaming TCN) pays
+    the Python and dispatcher cost once rather than once per layer. Every layer's arguments are
+    checked before any state is written. With autograd on, the layers are differentiated one by
+    one, as :func:`streaming_conv1d` does.
+    """
+    x = tensor_arg(_NAME_STACK, "x", x)
+    states, weights = list(states), list(weights)
+    n = len(states)
+    biases = [None] * n if biases is None else list(biases)
+    dilations = [int_arg(_NAME_STACK, "dilations", d) for d in dilations]
+    groups = [int_arg(_NAME_STACK, "groups", g) for g in groups] if isinstance(groups, (list, tuple)) \
+        else [int_arg(_NAME_STACK, "groups", groups)] * n
+    act = "none" if activation is None else activation
+    if (torch.is_grad_enabled() and size(x, -1) > 0
+            and any(t is not None and t.requires_grad for t in [x, *weights, *biases])):
+        if not (len(weights) == len(biases) == len(dilations) == len(groups) == n):
+            raise ValueError(f"{_NAME_STACK}: states, weights, biases, dilations and groups must have one entry per "
+                             f"layer, got {n}, {len(weights)}, {len(biases)}, {len(dilations)} and {len(groups)}")
+        # checks every layer natively (no state moves on an error), then differentiates layer by layer
+        with torch.no_grad():
+            probe = [s.clone() for s in states]
+            torch.ops.accel.streaming_conv1d_stack(x.detach(), probe, [w.detach() for w in weights],
+                                                   [None if b is None else b.detach() for b in biases],
+                                                   dilations, groups, act, residual, state_indices)
+        h = x
+        for s, w, b, d, g in zip(states, weights, biases, dilations, groups):
+            y = _differentiable(h, s, w, b, d, g, act, state_indices)
+            h = y + h if residual else y
+        return h
+    return torch.ops.accel.streaming_conv1d_stack(x, states, weights, biases, dilations, groups, act, residual,
+                                                  state_indices)
+
+
 # ---------------------------------------------------------------- fake (meta) implementation
 
 @torch.library.register_fake("accel::streaming_conv1d")
@@ -143,3 +205,12 @@ def _streaming_conv1d_fake(x, state, weight, bias, dilation, groups, activation,
               weight=(weight, 3, "(C_out, C_in / groups, K)"))
     fake_same_device(_NAME, "x", x, state=state, weight=weight, bias=bias, state_indices=state_indices)
     return x.new_empty((x.shape[0], weight.shape[0], x.shape[2]))  # writes state in place, as the schema declares
+
+
+@torch.library.register_fake("accel::streaming_conv1d_stack")
+def _streaming_conv1d_stack_fake(x, states, weights, biases, dilations, groups, activation, residual, state_indices):
+    torch._check_value(len(weights) >= 1, lambda: f"{_NAME_STACK}: states must hold at least one layer's state, got none")
+    fake_dims(_NAME_STACK, x=(x, 3, "(B, C_in, h)"), weight=(weights[-1], 3, "(C_out, C_in / groups, K)"))
+    fake_same_device(_NAME_STACK, "x", x, state_indices=state_indices, **{f"states[{i}]": s for i, s in enumerate(states)},
+                     **{f"weights[{i}]": w for i, w in enumerate(weights)})
+    return x.new_empty((x.shape[0], weights[-1].shape[0], x.shape[2]))  # writes the states in place

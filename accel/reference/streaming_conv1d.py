@@ -1,13 +1,13 @@
 """Reference streaming 1-D convolution, in plain PyTorch: concatenate the state and the chunk, convolve."""
 from __future__ import annotations
 
-from typing import Optional
+from typing import Optional, Sequence
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-__all__ = ["streaming_conv1d"]
+__all__ = ["streaming_conv1d", "streaming_conv1d_stack"]
 
 _ACTIVATIONS = {None: lambda y: y, "none": lambda y: y, "relu": F.relu, "gelu": F.gelu, "silu": F.silu}
 
@@ -35,3 +35,25 @@ def streaming_conv1d(
     with torch.no_grad():
         state[slots[live]] = full[live][..., x.shape[-1]:].to(state.dtype)
     return y
+
+
+def streaming_conv1d_stack(
+    x: Tensor,
+    states: Sequence[Tensor],
+    weights: Sequence[Tensor],
+    biases: Optional[Sequence[Optional[Tensor]]] = None,
+    *,
+    dilations: Sequence[int],
+    groups=1,
+    activation: Optional[str] = None,
+    residual: bool = False,
+    state_indices: Optional[Tensor] = None,
+) -> Tensor:
+    n = len(states)
+    biases = [None] * n if biases is None else biases
+    groups = list(groups) if isinstance(groups, (list, tuple)) else [groups] * n
+    h = x
+    for s, w, b, d, g in zip(states, weights, biases, dilations, groups):
+        y = streaming_conv1d(h, s, w, b, dilation=d, groups=g, activation=activation, state_indices=state_indices)
+        h = y + h if residual else y
+    return h

@@ -20,8 +20,8 @@ import torch.fx as fx
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from accel.nn.dilated_conv import DilatedConv1d
-from accel.nn.streaming_conv import StreamingConv1d
+from accel.nn.dilated_conv import TCN, DilatedConv1d
+from accel.nn.streaming_conv import StreamingConv1d, StreamingTCN
 from accel.streaming.runtime import _Ctx, _Feed, _Join, _live_weight, _Pool, _Refresh
 
 __all__ = ["stream", "StreamingModel", "StreamingTracer"]
@@ -29,12 +29,15 @@ __all__ = ["stream", "StreamingModel", "StreamingTracer"]
 
 class StreamingTracer(fx.Tracer):
     """``torch.fx`` tracer that keeps convolutions (``nn.Conv1d`` and subclasses such as
-    ``accel.nn.DilatedConv1d``), pooling, norms and activations as leaves (``torch.nn``'s built-in
-    modules are leaves already); other user modules are traced into."""
+    ``accel.nn.DilatedConv1d``), ``accel.nn.TCN`` (unless a layer's weight is parametrized), pooling,
+    norms and activations as leaves (``torch.nn``'s built-in modules are leaves already); other user
+    modules are traced into."""
 
     def is_leaf_module(self, m: nn.Module, qualname: str) -> bool:
         if isinstance(m, (nn.Conv1d, DilatedConv1d)):
             return True
+        if isinstance(m, TCN) and all(_live_weight(c) is None for c in m.layers):
+            return True  # streamed as one StreamingTCN (one native call per step for all its layers)
         return super().is_leaf_module(m, qualname)
 
 
@@ -315,6 +318,8 @@ class _Builder:
             m = self.root.get_submodule(node.target)
             if isinstance(m, nn.Conv1d):
                 return self.conv(node, m, streams)
+            if isinstance(m, TCN):
+                return self.tcn(node, m)
             return self.module(node, m, streams)
         if node.op == "get_attr":
             self.refuse(node, "unexpected attribute access on a stream")
@@ -617,12 +622,35 @@ class _Builder:
             return y + r
         self.runners[node] = run
 
+    def tcn(self, node, m: TCN):
+        """An ``accel.nn.TCN`` (causal, stride 1, delay 0) as one :class:`StreamingTCN`."""
+        x = node.args[0] if node.args else node.kwargs.get("x")
+        if not self.is_stream(x) or len(node.args) > 1 or set(node.kwargs) - {"x"}:
+            self.refuse(node, "expected the stream as the TCN's input")
+        st = StreamingTCN(m)
+        info = self.info[x]
+        feed = self.temporal_input(node, info, 1)
+        self.convs[node.name] = st
+        self.all_convs.append(st)
+        self.info[node] = _Info(td=2, ndim=3, s0=info.s0 - feed.prefix, rate=info.rate,
+                                rf=info.rf + (m.receptive_field - 1) * info.rate, tail=info.tail, clock=object())
+        self.runners[node] = lambda env: st.step(feed(env[x]))
+
     def _join_infos(self, node, infos):
         if len({i.rate for i in infos}) > 1:
             self.refuse(node, "its residual has a different rate than the convolution's output")
         tails = [i.tail for i in infos]
         return _Info(td=2, ndim=3, s0=min(i.s0 for i in infos), rate=infos[0].rate, rf=max(i.rf for i in infos),
                      tail=None if None in tails else max(tails), clock=object())
+
+
+class _Holder(nn.Module):
+    def __init__(self, model: nn.Module):
+        super().__init__()
+        self.model = model
+
+    def forward(self, x):
+        return self.model(x)
 
 
 def stream(model: nn.Module) -> StreamingModel:
@@ -634,8 +662,11 @@ def stream(model: nn.Module) -> StreamingModel:
     """
     if not isinstance(model, nn.Module):
         raise TypeError(f"stream() expects an nn.Module, got {type(model).__name__}")
+    tracer = StreamingTracer()
+    if tracer.is_leaf_module(model, ""):  # the root is traced into: hold a leaf (an accel.nn.TCN) one level down
+        model = _Holder(model)
     try:
-        graph = StreamingTracer().trace(model)
+        graph = tracer.trace(model)
     except Exception as e:  # noqa: BLE001 - fx raises many kinds
         raise ValueError(f"stream(): cannot trace {type(model).__name__} with torch.fx ({type(e).__name__}: {e}); "
                          f"data-dependent control flow on the input is not supported") from e
