@@ -43,6 +43,7 @@ def test_stack_equals_the_layers_one_by_one(dtype, case):
     B, channels, Ks, dilations, groups, h, residual, indexed = case
     slots = B + 2 if indexed else None
     x, states, weights, biases = _stack(dtype, B, channels, Ks, dilations, groups, h, extra=1, slots=slots)
+    initial = [s.clone() for s in states]
     idx = torch.tensor([B + 1] + list(range(B - 1)), dtype=torch.int32)[:B] if indexed else None
     if indexed:
         idx[-1] = -1
@@ -60,8 +61,7 @@ def test_stack_equals_the_layers_one_by_one(dtype, case):
     # and against the float64 reference
     x64, w64 = x.double(), [w.double() for w in weights]
     b64 = [None if b is None else b.double() for b in biases]
-    _, st0, _, _ = _stack(dtype, B, channels, Ks, dilations, groups, h, extra=1, slots=slots)
-    ref_states = [s.double() for s in st0]
+    ref_states = [s.double() for s in initial]
     want64 = ref.streaming_conv1d_stack(x64, ref_states, w64, b64, dilations=dilations, groups=list(groups),
                                         activation="gelu", residual=residual, state_indices=idx)
     torch.testing.assert_close(got.double(), want64, rtol=TOL[dtype], atol=TOL[dtype] * len(Ks))

@@ -291,7 +291,10 @@ class StreamingTCN(nn.Module):
         self._lists()
         return out
 
-    from_module = classmethod(lambda cls, tcn: cls(tcn))
+    @classmethod
+    def from_module(cls, tcn: TCN) -> "StreamingTCN":
+        """The same as ``StreamingTCN(tcn)``, named as the other modules' constructors from an offline one."""
+        return cls(tcn)
 
     def reset(self, batch_size: int = 1) -> None:
         """Start ``batch_size`` new streams: every layer's state zero (reused when its shape is unchanged)."""

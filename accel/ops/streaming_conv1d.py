@@ -179,10 +179,8 @@ def streaming_conv1d_stack(
     act = "none" if activation is None else activation
     if (torch.is_grad_enabled() and size(x, -1) > 0
             and any(t is not None and t.requires_grad for t in [x, *weights, *biases])):
-        if not (len(weights) == len(biases) == len(dilations) == len(groups) == n):
-            raise ValueError(f"{_NAME_STACK}: states, weights, biases, dilations and groups must have one entry per "
-                             f"layer, got {n}, {len(weights)}, {len(biases)}, {len(dilations)} and {len(groups)}")
-        # checks every layer natively (no state moves on an error), then differentiates layer by layer
+        # checks every layer natively (the list lengths too: no state moves on an error), then
+        # differentiates layer by layer
         with torch.no_grad():
             probe = [s.clone() for s in states]
             torch.ops.accel.streaming_conv1d_stack(x.detach(), probe, [w.detach() for w in weights],
