@@ -2,6 +2,8 @@
 outputs and the advanced state, slots and padding rows, CUDA graph capture of a decode loop."""
 from __future__ import annotations
 
+import copy
+
 import pytest
 import torch
 
@@ -11,7 +13,8 @@ pytestmark = [
 ]
 
 import accel.reference as ref  # noqa: E402
-from accel.ops import streaming_conv1d  # noqa: E402
+from accel.ops import streaming_conv1d, streaming_conv1d_stack  # noqa: E402
+from accel.ops.streaming_conv1d import _ring_index  # noqa: E402
 from test_streaming_conv1d import TOL, _inputs  # noqa: E402  (tests/ is on sys.path)
 
 # (B, C_in, C_out, groups, K, dilation, h, extra state, activation, indexed)
@@ -105,5 +108,20 @@ def test_cuda_stack_matches_cpu():
         for t, h in ((0, 1), (1, 64), (65, 135)):
             torch.testing.assert_close(gpu.step(x[..., t:t + h].cuda()).cpu(), cpu.step(x[..., t:t + h]),
                                        rtol=1e-4, atol=1e-4)
-    for a, b in zip(gpu._states, cpu._states):
+    for a, b in zip(gpu._states, cpu._states):  # the CPU's states are rings
+        torch.testing.assert_close(a.cpu(), b.gather(2, _ring_index(cpu.positions, b)), rtol=1e-4, atol=1e-4)
+    # moved mid-stream, the CPU's rings become the device's linear states; and the op's rings on CUDA
+    moved = copy.deepcopy(cpu).cuda()
+    assert not moved.positions.any()
+    ring_states = [s.clone().cuda() for s in cpu._states]
+    positions = cpu.positions.clone().cuda()
+    y = x[..., 100:137]
+    with torch.no_grad():
+        want = cpu.step(y)
+        torch.testing.assert_close(moved.step(y.cuda()).cpu(), want, rtol=1e-4, atol=1e-4)
+        got = streaming_conv1d_stack(y.cuda(), ring_states, moved._weights, moved._biases, dilations=moved._dilations,
+                                     groups=moved._groups, activation="gelu", residual=True, positions=positions)
+    torch.testing.assert_close(got.cpu(), want, rtol=1e-4, atol=1e-4)
+    assert torch.equal(positions.cpu(), cpu.positions)
+    for a, b in zip(ring_states, cpu._states):
         torch.testing.assert_close(a.cpu(), b, rtol=1e-4, atol=1e-4)

@@ -12,7 +12,7 @@ from accel.ops import streaming_conv1d, streaming_conv1d_stack
 
 from streaming_chunks import chunk_lengths  # tests/ is on sys.path (pytest rootdir-based import)
 
-TOL = {torch.float64: 1e-10, torch.float32: 1e-5, torch.bfloat16: 3e-2}
+TOL = {torch.float64: 1e-10, torch.float32: 1e-5, torch.bfloat16: 3e-2, torch.float16: 4e-3}
 
 
 def _stack(dtype, B, channels, Ks, dilations, groups, h, extra=0, slots=None, seed=0):
@@ -34,10 +34,15 @@ CASES = [  # (B, channels, Ks, dilations, groups, h, residual, indexed)
     (3, (9, 9, 9), (4, 2), (1, 64), (9, 9), 37, True, True),
     (2, (4, 6, 3), (3, 2), (5, 1), (2, 1), 13, False, False),
     (1, (8, 8), (3,), (512,), (8,), 300, True, False),
+    (2, (64, 64, 64), (3, 3), (1, 128), (64, 64), 100, True, True),  # enough work for every thread
 ]
 
 
-@pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.bfloat16], ids=str)
+def _depthwise(channels, groups):
+    return all(gr == c for gr, c in zip(groups, channels)) and len(set(channels)) == 1
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.bfloat16, torch.float16], ids=str)
 @pytest.mark.parametrize("case", CASES, ids=lambda c: f"B{c[0]}-C{'-'.join(map(str, c[1]))}-h{c[5]}-r{int(c[6])}")
 def test_stack_equals_the_layers_one_by_one(dtype, case):
     B, channels, Ks, dilations, groups, h, residual, indexed = case
@@ -55,9 +60,16 @@ def test_stack_equals_the_layers_one_by_one(dtype, case):
     got = streaming_conv1d_stack(x, states, weights, biases, dilations=dilations, groups=list(groups),
                                  activation="gelu", residual=residual, state_indices=idx)
     assert got.dtype == dtype and got.shape == want.shape
-    torch.testing.assert_close(got, want, rtol=0, atol=0)  # the same kernels in the same order
-    for s, t in zip(states, one_by_one):
-        assert torch.equal(s, t)
+    if _depthwise(channels, groups) and x.device.type == "cpu":
+        # the CPU's fused depthwise stack: the same sums, the residual added before the one rounding
+        tol = {torch.float64: 1e-13, torch.float32: 2e-6}.get(dtype, TOL[dtype])
+        torch.testing.assert_close(got, want, rtol=tol, atol=tol)
+        for s, t in zip(states, one_by_one):  # a state holds layer inputs: equal up to the same rounding
+            torch.testing.assert_close(s, t, rtol=tol, atol=tol)
+    else:
+        torch.testing.assert_close(got, want, rtol=0, atol=0)  # the same kernels in the same order
+        for s, t in zip(states, one_by_one):
+            assert torch.equal(s, t)
     # and against the float64 reference
     x64, w64 = x.double(), [w.double() for w in weights]
     b64 = [None if b is None else b.double() for b in biases]
@@ -65,6 +77,75 @@ def test_stack_equals_the_layers_one_by_one(dtype, case):
     want64 = ref.streaming_conv1d_stack(x64, ref_states, w64, b64, dilations=dilations, groups=list(groups),
                                         activation="gelu", residual=residual, state_indices=idx)
     torch.testing.assert_close(got.double(), want64, rtol=TOL[dtype], atol=TOL[dtype] * len(Ks))
+
+
+def _roll_in(states, positions):
+    """Linear states (oldest sample first) laid out as rings starting at positions[s] % L_s."""
+    return [torch.stack([row.roll(int(p) % max(st.shape[-1], 1), -1) for row, p in zip(st, positions)])
+            for st in states]
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("case", CASES, ids=lambda c: f"B{c[0]}-C{'-'.join(map(str, c[1]))}-r{int(c[6])}")
+def test_ring_states_step_as_linear_ones(dtype, case):
+    B, channels, Ks, dilations, groups, _, residual, indexed = case
+    S = B + 2 if indexed else B
+    x, linear, weights, biases = _stack(dtype, B, channels, Ks, dilations, groups, 1, extra=1, slots=S, seed=5)
+    idx = torch.tensor([B + 1] + list(range(B - 1)), dtype=torch.int32)[:B] if indexed else None
+    if indexed:
+        idx[-1] = -1
+    positions = torch.tensor([7 * s + 3 for s in range(S)], dtype=torch.int64)
+    rings = _roll_in(linear, positions)
+    live = [s for s in range(S) if idx is None or s in idx.tolist()]
+    g = torch.Generator().manual_seed(6)
+    for h in (1, 5, 600, 2, 131):  # wrap-around, chunks longer than the longest state
+        x = torch.randn(B, channels[0], h, generator=g).to(dtype)
+        kw = dict(dilations=dilations, groups=list(groups), activation="silu", residual=residual, state_indices=idx)
+        want = streaming_conv1d_stack(x, linear, weights, biases, **kw)
+        before = positions.clone()
+        got = streaming_conv1d_stack(x, rings, weights, biases, positions=positions, **kw)
+        torch.testing.assert_close(got, want, rtol=0, atol=0)
+        assert positions.tolist() == [int(p) + (h if s in live else 0) for s, p in enumerate(before)]
+        for r, lin in zip(rings, _roll_in(linear, positions)):
+            assert torch.equal(r, lin)
+    # the reference's rings agree
+    ref_rings, ref_pos = [r.double().clone() for r in rings], positions.clone()
+    x = torch.randn(B, channels[0], 9, generator=g).to(dtype)
+    want = ref.streaming_conv1d_stack(x.double(), ref_rings, [w.double() for w in weights],
+                                      [None if b is None else b.double() for b in biases], dilations=dilations,
+                                      groups=list(groups), activation="gelu", residual=residual, state_indices=idx,
+                                      positions=ref_pos)
+    got = streaming_conv1d_stack(x, rings, weights, biases, dilations=dilations, groups=list(groups),
+                                 activation="gelu", residual=residual, state_indices=idx, positions=positions)
+    torch.testing.assert_close(got.double(), want, rtol=TOL[dtype], atol=TOL[dtype] * len(Ks))
+    assert torch.equal(positions, ref_pos)
+    for r, t in zip(rings, ref_rings):
+        torch.testing.assert_close(r.double(), t, rtol=TOL[dtype], atol=TOL[dtype])
+
+
+def test_ring_gradients_and_bad_positions():
+    x, linear, weights, biases = _stack(torch.float64, 2, (6, 6, 6), (3, 2), (1, 3), (6, 6), 7, seed=8)
+    positions = torch.tensor([5, 12], dtype=torch.int64)
+    rings = _roll_in(linear, positions)
+    leaves = [t.requires_grad_() for t in [x, *weights]]
+    kw = dict(dilations=(1, 3), groups=6, activation="gelu", residual=True)
+    got = streaming_conv1d_stack(x, rings, weights, biases, positions=positions, **kw)
+    want = streaming_conv1d_stack(x, linear, weights, biases, **kw)
+    for a, b in zip(torch.autograd.grad(got.square().sum(), leaves), torch.autograd.grad(want.square().sum(), leaves)):
+        torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-12)
+    assert positions.tolist() == [12, 19]
+    for r, lin in zip(rings, _roll_in(linear, positions)):
+        assert torch.equal(r, lin)
+    x = x.detach()
+    before = [r.clone() for r in rings]
+    bad = [(torch.tensor([1, 2], dtype=torch.int32), TypeError, "positions must be int64"),
+           (torch.tensor([1, 2, 3]), ValueError, "positions must be a contiguous \\(S,\\) = \\(2,\\)"),
+           (torch.tensor([4, -1]), ValueError, "positions\\[1\\] = -1 must be >= 0")]
+    for pos, exc, match in bad:
+        with pytest.raises(exc, match=match):
+            streaming_conv1d_stack(x, rings, [w.detach() for w in weights], biases, positions=pos, **kw)
+        for r, b in zip(rings, before):
+            assert torch.equal(r, b)
 
 
 def test_a_bad_layer_is_named_and_no_state_moves():
@@ -106,12 +187,14 @@ def test_gradients_match_the_reference():
         torch.testing.assert_close(s, t, rtol=1e-12, atol=1e-12)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
 @pytest.mark.parametrize("kind", ["ones", "primes", "long", "mixed"])
-def test_streaming_tcn_equals_offline(kind):
+def test_streaming_tcn_equals_offline(kind, dtype):
     torch.manual_seed(0)
-    tcn = TCN(8, kernel_size=3, num_layers=6, activation="gelu").requires_grad_(False)
-    x = torch.randn(2, 8, 400)
+    tcn = TCN(8, kernel_size=3, num_layers=6, activation="gelu").requires_grad_(False).to(dtype)
+    x = torch.randn(2, 8, 400).to(dtype)
     want = tcn(x)
+    tol = 1e-5 if dtype == torch.float32 else 4e-2
     stream = StreamingTCN(tcn)
     outs = []
     for _ in range(2):  # reset restores the initial state
@@ -120,7 +203,7 @@ def test_streaming_tcn_equals_offline(kind):
         for h in chunk_lengths(kind, x.shape[-1], tcn.receptive_field, seed=3):
             outs.append(stream.step(x[..., t:t + h]))
             t += h
-        torch.testing.assert_close(torch.cat(outs, dim=-1), want, rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(torch.cat(outs, dim=-1), want, rtol=tol, atol=tol)
 
 
 def test_streaming_tcn_module_behaviour():

@@ -8,7 +8,7 @@ import torch
 from torch import Tensor, nn
 
 from accel.nn.dilated_conv import TCN, share_conv
-from accel.ops.streaming_conv1d import streaming_conv1d, streaming_conv1d_stack
+from accel.ops.streaming_conv1d import _ring_index, streaming_conv1d, streaming_conv1d_stack
 
 Padding = Union[str, int, Tuple[int]]
 
@@ -257,6 +257,9 @@ class StreamingTCN(nn.Module):
     native call per chunk (``accel.ops.streaming_conv1d_stack``), where a layer-by-layer step pays the
     Python and dispatcher cost of every layer. The TCN is held as a submodule (its parameters shared,
     not copied); every layer's state is a buffer ``state_<i>``, ``(B, channels, (K-1)*dilation_i)``.
+    On the CPU the states are rings (``positions``, ``(B,)`` int64: see
+    ``accel.ops.streaming_conv1d_stack``), so that a step writes only its new samples instead of
+    moving every layer's whole history; elsewhere they are linear (``positions`` stays zero).
     Outputs equal the TCN's offline outputs on the whole signal."""
 
     def __init__(self, tcn: TCN):
@@ -276,6 +279,7 @@ class StreamingTCN(nn.Module):
         self._spans = [(c.kernel_size[0] - 1) * c.dilation[0] for c in convs]
         for i in range(len(convs)):
             self.register_buffer(f"state_{i}", None, persistent=False)
+        self.register_buffer("positions", None, persistent=False)
         self._lists()
 
     def _lists(self) -> None:
@@ -285,6 +289,14 @@ class StreamingTCN(nn.Module):
         self._biases = [c.bias for c in self.tcn.layers]
         states = [self._buffers[f"state_{i}"] for i in range(len(self._spans))]
         self._states = states if all(s is not None for s in states) else []
+        pos = self._buffers["positions"]
+        if self._states and pos is not None and pos.device.type != "cpu" and bool(pos.any()):
+            # rings arrive on a device that steps linear states: unroll them, oldest sample first
+            with torch.no_grad():
+                for s in self._states:
+                    s.copy_(s.gather(2, _ring_index(pos, s)))
+                pos.zero_()
+        self._positions = pos if pos is not None and pos.device.type == "cpu" else None
 
     def _apply(self, fn, *args, **kwargs):
         out = super()._apply(fn, *args, **kwargs)
@@ -311,7 +323,12 @@ class StreamingTCN(nn.Module):
                 state = torch.zeros(batch_size, self.channels, span, dtype=w.dtype, device=w.device)
                 self._buffers[f"state_{i}"] = state
             states.append(state)
-        self._states = states
+        pos = self._buffers["positions"]
+        if pos is not None and pos.shape == (batch_size,) and pos.device == w.device:
+            pos.zero_()
+        else:
+            self._buffers["positions"] = torch.zeros(batch_size, dtype=torch.int64, device=w.device)
+        self._lists()
 
     def step(self, chunk: Tensor) -> Tensor:
         """Feed the next ``h`` samples of each stream, ``(B, channels, h)`` (or ``(channels, h)``); return
@@ -329,10 +346,11 @@ class StreamingTCN(nn.Module):
                              f"{self._states[0].shape[0]} streams; call reset({chunk.shape[0]}) to start new streams")
         if torch.is_grad_enabled():
             y = streaming_conv1d_stack(chunk, self._states, self._weights, self._biases, dilations=self._dilations,
-                                       groups=self._groups, activation=self.activation, residual=self.residual)
+                                       groups=self._groups, activation=self.activation, residual=self.residual,
+                                       positions=self._positions)
         else:  # the arguments are already in the schema's form
             y = _stack_op(chunk, self._states, self._weights, self._biases, self._dilations, self._groups,
-                          self.activation, self.residual, None)
+                          self.activation, self.residual, None, self._positions)
         return y.squeeze(0) if unbatched else y
 
     forward = step

@@ -37,6 +37,10 @@ def _examples(device: torch.device, dtype: torch.dtype):
                 (t(2, 6, 5), [t(2, 6, 2), t(2, 6, 4), t(2, 6, 9)], [t(6, 1, 3), t(6, 1, 3), t(6, 1, 3)],
                  [t(6), None, t(6)]),
                 dict(dilations=(1, 2, 4), groups=6, activation="gelu", residual=True)),
+        Example("stack of 2 depthwise ring states h3 K3 d1,4 silu, residual", streaming_conv1d_stack,
+                (t(2, 5, 3), [t(2, 5, 2), t(2, 5, 8)], [t(5, 1, 3), t(5, 1, 3)], [t(5), t(5)]),
+                dict(dilations=(1, 4), groups=5, activation="silu", residual=True,
+                     positions=torch.tensor([3, 10], dtype=torch.int64, device=device))),
         Example("stack 4->5->3 dense h1, slots with padding row", streaming_conv1d_stack,
                 (t(3, 4, 1), [t(4, 4, 2), t(4, 5, 3)], [t(5, 4, 3), t(3, 5, 2)], [t(5), t(3)]),
                 dict(dilations=(1, 3), activation="silu", state_indices=slots)),
@@ -67,7 +71,8 @@ CAPABILITY = Capability(
     bench="streaming",
     doc="docs/ops/streaming_conv1d.md",
     limits={"state": "(S, C_in, L_s) contiguous, L_s >= (K-1)*dilation",
-            "state_indices": "int32 (B,), -1 marks a padding row; no slot twice"},
+            "state_indices": "int32 (B,), -1 marks a padding row; no slot twice",
+            "positions": "int64 (S,) >= 0 (stack only): ring states"},
     sanitize_examples=_sanitize_examples,
 )
 
@@ -155,6 +160,7 @@ def streaming_conv1d_stack(
     activation: Optional[str] = None,
     residual: bool = False,
     state_indices: Optional[Tensor] = None,
+    positions: Optional[Tensor] = None,
 ) -> Tensor:
     """The chunk through layers ``i = 0 .. n-1`` of streaming convolutions, each as
     :func:`streaming_conv1d` with ``states[i]``, ``weights[i]``, ``biases[i]``, ``dilations[i]``,
@@ -168,6 +174,12 @@ def streaming_conv1d_stack(
     the Python and dispatcher cost once rather than once per layer. Every layer's arguments are
     checked before any state is written. With autograd on, the layers are differentiated one by
     one, as :func:`streaming_conv1d` does.
+
+    ``positions`` (``(S,)`` int64, updated in place) makes every state a ring: slot ``s`` of layer
+    ``i`` holds its last ``L_s`` samples oldest first from sample ``positions[s] % L_s`` on,
+    wrapping around; a step writes the newest samples over the oldest and adds ``h`` to
+    ``positions[s]`` of each live row, instead of moving the whole history (the step of a deep
+    TCN then touches only the samples its taps read). Zero positions and zero states start a stream.
     """
     x = tensor_arg(_NAME_STACK, "x", x)
     states, weights = list(states), list(weights)
@@ -185,14 +197,37 @@ def streaming_conv1d_stack(
             probe = [s.clone() for s in states]
             torch.ops.accel.streaming_conv1d_stack(x.detach(), probe, [w.detach() for w in weights],
                                                    [None if b is None else b.detach() for b in biases],
-                                                   dilations, groups, act, residual, state_indices)
+                                                   dilations, groups, act, residual, state_indices,
+                                                   None if positions is None else positions.clone())
+        linear = states if positions is None else [s.gather(2, _ring_index(positions, s)) for s in states]
         h = x
-        for s, w, b, d, g in zip(states, weights, biases, dilations, groups):
+        for s, w, b, d, g in zip(linear, weights, biases, dilations, groups):
             y = _differentiable(h, s, w, b, d, g, act, state_indices)
             h = y + h if residual else y
+        if positions is not None:
+            with torch.no_grad():
+                advanced = _advanced(positions, state_indices, size(x, -1))
+                for s, lin in zip(states, linear):
+                    s.scatter_(2, _ring_index(advanced, s), lin)
+                positions.copy_(advanced)
         return h
     return torch.ops.accel.streaming_conv1d_stack(x, states, weights, biases, dilations, groups, act, residual,
-                                                  state_indices)
+                                                  state_indices, positions)
+
+
+def _ring_index(positions: Tensor, state: Tensor) -> Tensor:
+    """Gather index of ring states as linear ones: slot s's sample j at (positions[s] + j) % L_s."""
+    S, C, L = state.shape
+    j = torch.arange(L, device=positions.device)
+    return ((positions[:, None] + j) % max(L, 1))[:, None, :].expand(S, C, L)
+
+
+def _advanced(positions: Tensor, state_indices: Optional[Tensor], h: int) -> Tensor:
+    """positions after a step of h samples: + h for the slots of live rows."""
+    if state_indices is None:
+        return positions + h
+    idx = state_indices.long()
+    return positions.clone().scatter_add_(0, idx.clamp(min=0), (idx >= 0).long() * h)
 
 
 # ---------------------------------------------------------------- fake (meta) implementation
@@ -206,9 +241,11 @@ def _streaming_conv1d_fake(x, state, weight, bias, dilation, groups, activation,
 
 
 @torch.library.register_fake("accel::streaming_conv1d_stack")
-def _streaming_conv1d_stack_fake(x, states, weights, biases, dilations, groups, activation, residual, state_indices):
+def _streaming_conv1d_stack_fake(x, states, weights, biases, dilations, groups, activation, residual, state_indices,
+                                 positions=None):
     torch._check_value(len(weights) >= 1, lambda: f"{_NAME_STACK}: states must hold at least one layer's state, got none")
     fake_dims(_NAME_STACK, x=(x, 3, "(B, C_in, h)"), weight=(weights[-1], 3, "(C_out, C_in / groups, K)"))
-    fake_same_device(_NAME_STACK, "x", x, state_indices=state_indices, **{f"states[{i}]": s for i, s in enumerate(states)},
+    fake_same_device(_NAME_STACK, "x", x, state_indices=state_indices, positions=positions,
+                     **{f"states[{i}]": s for i, s in enumerate(states)},
                      **{f"weights[{i}]": w for i, w in enumerate(weights)})
     return x.new_empty((x.shape[0], weights[-1].shape[0], x.shape[2]))  # writes the states in place

@@ -48,12 +48,27 @@ def streaming_conv1d_stack(
     activation: Optional[str] = None,
     residual: bool = False,
     state_indices: Optional[Tensor] = None,
+    positions: Optional[Tensor] = None,
 ) -> Tensor:
     n = len(states)
     biases = [None] * n if biases is None else biases
     groups = list(groups) if isinstance(groups, (list, tuple)) else [groups] * n
+    # ring states (positions): rolled so that the oldest sample comes first, stepped, rolled back
+    slots = range(len(positions)) if positions is not None else ()
+    linear = list(states)
+    if positions is not None:
+        linear = [torch.stack([s[i].roll(-int(positions[i]) % max(s.shape[-1], 1), -1) for i in slots]) if len(slots)
+                  else s.clone() for s in states]
     h = x
-    for s, w, b, d, g in zip(states, weights, biases, dilations, groups):
+    for s, w, b, d, g in zip(linear, weights, biases, dilations, groups):
         y = streaming_conv1d(h, s, w, b, dilation=d, groups=g, activation=activation, state_indices=state_indices)
         h = y + h if residual else y
+    if positions is not None:
+        live = set(range(x.shape[0]) if state_indices is None else [int(i) for i in state_indices if int(i) >= 0])
+        with torch.no_grad():
+            for i in live:
+                positions[i] += x.shape[-1]
+            for s, lin in zip(states, linear):
+                for i in slots:
+                    s[i] = lin[i].roll(int(positions[i]) % max(s.shape[-1], 1), -1)
     return h
