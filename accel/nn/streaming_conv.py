@@ -290,7 +290,7 @@ class StreamingTCN(nn.Module):
         states = [self._buffers[f"state_{i}"] for i in range(len(self._spans))]
         self._states = states if all(s is not None for s in states) else []
         pos = self._buffers["positions"]
-        if self._states and pos is not None and pos.device.type != "cpu" and bool(pos.any()):
+        if self._states and pos is not None and pos.device.type not in ("cpu", "meta") and bool(pos.any()):
             # rings arrive on a device that steps linear states: unroll them, oldest sample first
             with torch.no_grad():
                 for s in self._states:

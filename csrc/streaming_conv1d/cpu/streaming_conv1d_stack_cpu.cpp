@@ -40,25 +40,31 @@ struct Layer {
   int64_t K, d, ls, span;
 };
 
-// A worker's rows of one block of channels, [c][t], sized once per call.
+// A worker's rows of one block of channels, sized once per call. Row i of cur / nxt starts at
+// i * stride + pad: the pad before it takes the state samples that taps straddling the state and
+// the row read, so that their run is contiguous without copying the row.
 template <typename scalar_t>
 struct Rows {
   using acc_t = at::opmath_type<scalar_t>;
+  int64_t pad, stride;
   std::vector<acc_t> cur, nxt, stage;  // stage: one run per tap
   std::vector<const acc_t*> src;
   std::vector<scalar_t> rounded;
-  Rows(int64_t block, int64_t h, int64_t max_taps)
-      : cur(block * h), nxt(block * h), stage(max_taps * h), src(max_taps),
+  Rows(int64_t block, int64_t h, int64_t max_taps, int64_t pad_)
+      : pad(pad_), stride(pad_ + h), cur(block * stride), nxt(block * stride), stage(max_taps * h), src(max_taps),
         rounded(std::is_same_v<scalar_t, acc_t> ? 0 : block * h) {}
+  acc_t* in_row(int64_t i) { return cur.data() + i * stride + pad; }
+  acc_t* out_row(int64_t i) { return nxt.data() + i * stride + pad; }
 };
 
 // u[j0, j0 + h) of one channel, where u is its state row (a ring starting at `first`, or linear when
-// first = 0) followed by its input row in[0, h): a pointer into one of them when the run lies there
-// in acc_t, else the run copied (converted) into buf.
+// first = 0) followed by its input row in[0, h), whose pad holds the state's last samples: a
+// pointer into the row (with its pad) or the state when the run lies there in acc_t, else the run
+// copied (converted) into buf.
 template <typename scalar_t, typename acc_t>
-inline const acc_t* tap_run(const scalar_t* row, int64_t ls, int64_t first, const acc_t* in, int64_t j0, int64_t h,
-                            acc_t* buf) {
-  if (j0 >= ls) return in + (j0 - ls);
+inline const acc_t* tap_run(const scalar_t* row, int64_t ls, int64_t first, const acc_t* in, int64_t pad, int64_t j0,
+                            int64_t h, acc_t* buf) {
+  if (ls - j0 <= pad) return in + (j0 - ls);
   const int64_t from_state = std::min(h, ls - j0);
   const int64_t at = first + j0 < ls ? first + j0 : first + j0 - ls;
   if constexpr (std::is_same_v<scalar_t, acc_t>) {
@@ -69,6 +75,16 @@ inline const acc_t* tap_run(const scalar_t* row, int64_t ls, int64_t first, cons
   convert_n(row, buf + run, from_state - run);
   std::copy_n(in, h - from_state, buf + from_state);
   return buf;
+}
+
+// pad[0, n) = the state row's last n samples (n <= ls), as acc_t.
+template <typename scalar_t, typename acc_t>
+inline void state_tail(const scalar_t* row, int64_t ls, int64_t first, int64_t n, acc_t* pad) {
+  const int64_t j0 = ls - n;
+  const int64_t at = first + j0 < ls ? first + j0 : first + j0 - ls;
+  const int64_t run = std::min(n, ls - at);
+  convert_n(row + at, pad, run);
+  convert_n(row, pad + run, n - run);
 }
 
 // out[t] = bias + sum_k w[k] * src[k][t], t in [0, h): the taps' sums in registers.
@@ -96,9 +112,9 @@ inline void taps(const acc_t* const* src, const acc_t* w, int64_t K, acc_t bias,
 
 // A state row after a chunk whose samples in[0, h) (as acc_t) follow it: linear, the row moves by h
 // and takes the last samples; a ring starting at `first`, the last min(h, ls) samples overwrite the
-// oldest, from sample (first + h - min(h, ls)) % ls on.
+// oldest, from sample at = (first + h - min(h, ls)) % ls on (the same for every row of a layer).
 template <typename scalar_t, typename acc_t>
-inline void advance_row(scalar_t* row, int64_t ls, bool ring, int64_t first, const acc_t* in, int64_t h) {
+inline void advance_row(scalar_t* row, int64_t ls, bool ring, int64_t at, const acc_t* in, int64_t h) {
   if (ls == 0) return;
   const int64_t m = std::min(h, ls);
   in += h - m;
@@ -107,7 +123,6 @@ inline void advance_row(scalar_t* row, int64_t ls, bool ring, int64_t first, con
     convert_n(in, row + ls - m, m);
     return;
   }
-  const int64_t at = (first + h - m) % ls;
   const int64_t run = std::min(m, ls - at);
   convert_n(in, row + at, run);
   convert_n(in + run, row, m - run);
@@ -130,7 +145,7 @@ inline void prefetch_row(const Layer<scalar_t>& L, int64_t s, int64_t c, int64_t
 }
 
 // Channels [c0, c0 + n) of stream slot s through every layer: their chunk rows (as acc_t) in
-// rows.cur on entry, the last layer's outputs there on return. Per layer: each channel's taps, then
+// rows.in_row on entry, the last layer's outputs there on return. Per layer: each channel's taps, then
 // its state row advanced (its taps have read it), then the activation and residual over the block.
 // `position` is the slot's ring position, or -1 for linear states.
 template <typename scalar_t>
@@ -141,6 +156,13 @@ void run_block(const std::vector<Layer<scalar_t>>& layers, int64_t s, int64_t po
   for (size_t l = 0; l < layers.size(); ++l) {
     const Layer<scalar_t>& L = layers[l];
     const int64_t first = ring && L.ls > 0 ? position % L.ls : 0;
+    const int64_t write_at = ring && L.ls > 0 ? (first + h - std::min(h, L.ls)) % L.ls : 0;
+    // taps straddling the state and the row read the state's last `tail` samples from the pad
+    int64_t tail = 0;
+    for (int64_t k = 0; k < L.K; ++k) {
+      const int64_t before = L.span - k * L.d;  // samples tap k takes from the state
+      if (before > 0 && before < h) tail = std::max(tail, before);
+    }
     for (int64_t i = 0; i < n; ++i) {
       const int64_t c = c0 + i;
       if (i + 1 < n) {
@@ -149,21 +171,28 @@ void run_block(const std::vector<Layer<scalar_t>>& layers, int64_t s, int64_t po
         const Layer<scalar_t>& M = layers[l + 1];
         prefetch_row(M, s, c0, C, ring && M.ls > 0 ? position % M.ls : 0, h);
       }
-      const acc_t* __restrict__ in = rows.cur.data() + i * h;
-      acc_t* __restrict__ out = rows.nxt.data() + i * h;
+      acc_t* __restrict__ in = rows.in_row(i);
+      acc_t* __restrict__ out = rows.out_row(i);
       scalar_t* srow = L.state + (s * C + c) * L.ls;
       const acc_t* w = L.w + c * L.K;
+      if (tail > 0) state_tail(srow, L.ls, first, tail, in - tail);
       // tap k reads u[ls - span + k*d + t]
       for (int64_t k = 0; k < L.K; ++k) {
-        rows.src[k] = tap_run(srow, L.ls, first, in, L.ls - L.span + k * L.d, h, rows.stage.data() + k * h);
+        rows.src[k] =
+            tap_run(srow, L.ls, first, in, tail, L.ls - L.span + k * L.d, h, rows.stage.data() + k * h);
       }
       taps(rows.src.data(), w, L.K, L.bias ? L.bias[c] : acc_t(0), h, out);
-      advance_row(srow, L.ls, ring, first, in, h);
+      advance_row(srow, L.ls, ring, write_at, in, h);
     }
-    apply_epilogue<acc_t>(rows.nxt.data(), residual ? rows.cur.data() : nullptr, n * h, act);
-    if constexpr (!std::is_same_v<scalar_t, acc_t>) {  // the layer's outputs in scalar_t, as the next layer and the state see them
-      convert_n(rows.nxt.data(), rows.rounded.data(), n * h);
-      convert_n(rows.rounded.data(), rows.nxt.data(), n * h);
+    // the activation and the residual over the block's rows (one pass when they are contiguous)
+    const int64_t rows_n = rows.pad == 0 ? 1 : n, len = rows.pad == 0 ? n * h : h;
+    for (int64_t i = 0; i < rows_n; ++i) {
+      acc_t* out = rows.out_row(i);
+      apply_epilogue<acc_t>(out, residual ? rows.in_row(i) : nullptr, len, act);
+      if constexpr (!std::is_same_v<scalar_t, acc_t>) {  // the layer's outputs in scalar_t, as the next layer and the state see them
+        convert_n(out, rows.rounded.data(), len);
+        convert_n(rows.rounded.data(), out, len);
+      }
     }
     std::swap(rows.cur, rows.nxt);
   }
@@ -177,13 +206,14 @@ void run_depthwise(const std::vector<Geometry>& geometry, const Tensor& x, at::T
   const Geometry& g0 = geometry.front();
   const int64_t B = g0.batch, C = g0.c_in, h = g0.chunk;
   std::vector<Layer<scalar_t>> layers;
-  int64_t work = 0, max_taps = 0;
+  int64_t work = 0, max_taps = 0, pad = 0;
   for (size_t i = 0; i < geometry.size(); ++i) {
     const Geometry& g = geometry[i];
     layers.push_back({states[i].mutable_data_ptr<scalar_t>(), weights[i], biases[i], g.kernel, g.dilation,
                       g.state_len, g.span});
     work += B * C * ((positions ? 0 : g.state_len) + h * (g.kernel + 1));  // a ring's row does not move
     max_taps = std::max(max_taps, g.kernel);
+    pad = std::max(pad, std::min(g.span, h - 1));
   }
   const bool serial = work < kMinParallelWork;
   const int64_t want = serial ? 1 : kTasksPerThread * at::get_num_threads();
@@ -197,7 +227,7 @@ void run_depthwise(const std::vector<Geometry>& geometry, const Tensor& x, at::T
   parallel_task_workers(serial ? 1 : B * blocks, [&](TaskCursor& cursor) {
     TaskCursor all(B * blocks);
     TaskCursor& next = serial ? all : cursor;
-    Rows<scalar_t> rows(block, h, max_taps);
+    Rows<scalar_t> rows(block, h, max_taps, pad);
     for (int64_t task = next.next(); task >= 0; task = next.next()) {
       const int64_t b = task / blocks, c0 = (task % blocks) * block, c1 = std::min(C, c0 + block);
       const int64_t s = slots ? slots[b] : b;
@@ -212,9 +242,9 @@ void run_depthwise(const std::vector<Geometry>& geometry, const Tensor& x, at::T
         }
         continue;
       }
-      for (int64_t c = c0; c < c1; ++c) convert_n(xp + b * xsb + c * xsc, rows.cur.data() + (c - c0) * h, h);
+      for (int64_t c = c0; c < c1; ++c) convert_n(xp + b * xsb + c * xsc, rows.in_row(c - c0), h);
       run_block(layers, s, positions ? positions[s] : -1, c0, c1 - c0, C, h, act, residual, rows);
-      convert_n(rows.cur.data(), y, (c1 - c0) * h);
+      for (int64_t c = c0; c < c1; ++c) convert_n(rows.in_row(c - c0), y + (c - c0) * h, h);
     }
   });
   if (positions) {  // after every task has read them
