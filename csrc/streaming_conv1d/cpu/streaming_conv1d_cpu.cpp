@@ -32,6 +32,7 @@
 
 #include "common/cpu_vec.h"
 #include "common/parallel.h"
+#include "streaming_conv1d/cpu/streaming_conv1d_cpu.h"
 #include "streaming_conv1d/streaming_conv1d.h"
 
 namespace accel::streaming_conv1d {
@@ -44,8 +45,6 @@ constexpr int64_t kBlockChannels = 256;  // input channels per direct-path task:
 constexpr int64_t kScalarChunk = 8;      // shorter chunks take the scalar taps, no staging
 constexpr int64_t kTile = 128;           // outputs per tile along time (staging and GEMM)
 constexpr int64_t kRows = 64;            // output channels per GEMM call
-constexpr int64_t kTasksPerThread = 4;   // direct-path tasks per thread, at least, where channels allow
-constexpr int64_t kMinParallelWork = 1 << 15;  // multiply-adds and state samples of a call run in parallel from here
 
 // The chunk x[b] as rows of a (C_in, h) matrix with unit time stride.
 template <typename scalar_t>

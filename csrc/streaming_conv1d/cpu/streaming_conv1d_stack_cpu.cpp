@@ -19,6 +19,7 @@
 
 #include "common/cpu_vec.h"
 #include "common/parallel.h"
+#include "streaming_conv1d/cpu/streaming_conv1d_cpu.h"
 #include "streaming_conv1d/streaming_conv1d.h"
 
 namespace accel::streaming_conv1d {
@@ -27,8 +28,6 @@ namespace {
 using at::Tensor;
 using namespace accel::cpu;
 
-constexpr int64_t kTasksPerThread = 4;          // tasks per thread, at least, where channels allow
-constexpr int64_t kMinParallelWork = 1 << 15;  // multiply-adds and state samples of a call run in parallel from here
 constexpr int64_t kBlockSamples = 4096;         // a task's rows, channels x h, stay within L1
 
 template <typename scalar_t>
