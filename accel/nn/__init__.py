@@ -1,6 +1,7 @@
 """Drop-in nn.Module replacements."""
 from accel.nn.dilated_conv import TCN, DilatedConv1d
 from accel.nn.fused_moe import FusedMoE
+from accel.nn.partial_conv import PartialConv2d
 from accel.nn.sigmoid_attention import (
     AdaptedSigmoidMultiheadAttention,
     SigmoidAttention,
@@ -10,5 +11,5 @@ from accel.nn.streaming_conv import StreamingConv1d, StreamingTCN
 
 __all__ = [
     "DilatedConv1d", "TCN", "FusedMoE", "SigmoidAttention", "SigmoidMultiheadAttention",
-    "AdaptedSigmoidMultiheadAttention", "StreamingConv1d", "StreamingTCN",
+    "AdaptedSigmoidMultiheadAttention", "StreamingConv1d", "StreamingTCN", "PartialConv2d",
 ]

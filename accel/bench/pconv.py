@@ -1,0 +1,123 @@
+"""Partial convolution benchmark cases (``python -m accel.bench pconv``).
+
+Groups:
+
+1. ``PConv``: ``accel.nn.PartialConv2d`` against timm's ``Partial_conv3`` in its training form
+   (``split_cat``: split, ``nn.Conv2d`` on the first C/4 channels, concatenate; without timm the
+   same three calls written out), FasterNet's four stage shapes (C 40/80/160/320 at 56/28/14/7,
+   n_div 4), batch 32 and 1, forward and forward+backward (gradients of x and the weight). Forward
+   cases also time ``out.copy_(x)`` in the same rounds: accel's bandwidth (x read + output written,
+   once each) as a fraction of the copy's.
+2. ``FasterNet``: whole ``fasternet_t0`` / ``fasternet_t1`` (timm, random weights, eval mode,
+   224x224) with ``accel.patch`` against unpatched, forward, batch 1 and 32 (only with timm).
+"""
+from __future__ import annotations
+
+from typing import List
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from accel.bench.case import Case, Setup, backward_setup, element_size, no_grad_setup, tolerance
+from accel.nn import PartialConv2d
+
+# (C, H = W) of FasterNet's stages; batches per preset
+STAGES = {"full": ((40, 56), (80, 28), (160, 14), (320, 7)), "quick": ((40, 56), (160, 14)), "tiny": ((8, 9),)}
+BATCHES = {"full": (32, 1), "quick": (8,), "tiny": (2,)}
+MODELS = {"full": (("fasternet_t0", 32), ("fasternet_t0", 1), ("fasternet_t1", 32), ("fasternet_t1", 1)),
+          "quick": (("fasternet_t0", 4),), "tiny": ()}
+N_DIV = 4
+
+
+def _timm():
+    try:
+        import timm.models.fasternet as fasternet
+    except ImportError:
+        return None
+    return fasternet
+
+
+def _peer_name() -> str:
+    return "timm Partial_conv3 split_cat" if _timm() is not None else "split+conv2d+cat"
+
+
+class _SplitCat(nn.Module):
+    """timm's Partial_conv3 forward_split_cat, for machines without timm."""
+
+    def __init__(self, dim: int, n_div: int):
+        super().__init__()
+        self.dim_conv3 = dim // n_div
+        self.dim_untouched = dim - self.dim_conv3
+        self.partial_conv3 = nn.Conv2d(self.dim_conv3, self.dim_conv3, 3, 1, 1, bias=False)
+
+    def forward(self, x):
+        x1, x2 = torch.split(x, [self.dim_conv3, self.dim_untouched], dim=1)
+        return torch.cat((self.partial_conv3(x1), x2), 1)
+
+
+def build_pconv(*, B: int, C: int, HW: int, mode: str, device: str, dtype: str, seed: int = 0) -> Setup:
+    """accel PartialConv2d vs timm's Partial_conv3 (split_cat), same weights."""
+    dt = getattr(torch, dtype)
+    g = torch.Generator().manual_seed(seed)
+    fasternet = _timm()
+    peer = fasternet.Partial_conv3(C, N_DIV, "split_cat") if fasternet is not None else _SplitCat(C, N_DIV)
+    with torch.no_grad():
+        w = peer.partial_conv3.weight
+        w.copy_(torch.randn(w.shape, generator=g) / (w[0].numel() ** 0.5))
+    peer = peer.to(device=device, dtype=dt)
+    mine = PartialConv2d.from_module(peer)
+    x = torch.randn(B, C, HW, HW, generator=g).to(device=device, dtype=dt)
+    impls = {"accel": lambda: mine(x), _peer_name(): lambda: peer(x)}
+    if mode == "fwd":
+        out = torch.empty_like(x)
+        impls["copy_"] = lambda: out.copy_(x)
+        return no_grad_setup(impls)
+    gy = torch.randn(x.shape, generator=g).to(device=device, dtype=dt)
+    return backward_setup(impls, (x, peer.partial_conv3.weight), gy)
+
+
+def build_model(*, name: str, B: int, device: str, dtype: str, seed: int = 0) -> Setup:
+    """A timm FasterNet patched by accel.patch vs the same model unpatched (shared weights)."""
+    import copy
+
+    import timm
+
+    import accel
+
+    torch.manual_seed(seed)
+    model = timm.create_model(name, pretrained=False).to(device=device, dtype=getattr(torch, dtype)).eval()
+    patched = accel.patch(copy.deepcopy(model))
+    x = torch.randn(B, 3, 224, 224, device=device, dtype=getattr(torch, dtype))
+    return no_grad_setup({"accel": lambda: patched(x), "timm": lambda: model(x)})
+
+
+def cases(args) -> List[Case]:
+    size, device, dtype = args.size, args.device, args.dtype
+    out: List[Case] = []
+    peer = _peer_name()
+    for mode in ("fwd", "fwd+bwd"):
+        for B in BATCHES[size]:
+            for C, HW in STAGES[size]:
+                params = dict(B=B, C=C, HW=HW, mode=mode, device=device, dtype=dtype)
+                nbytes = B * C * HW * HW * element_size(dtype)
+                bw = mode == "fwd"
+                out.append(Case(
+                    op="pconv", group=f"PConv (FasterNet stages, n_div {N_DIV}), {device} {dtype}",
+                    name=f"B{B} C{C} {HW}x{HW}", mode=mode, builder=build_pconv, params=params, peers=(peer,),
+                    aux=("copy_",) if bw else (), check=(peer,), tol=tolerance(dtype, mode),
+                    bw_bytes=2 * nbytes if bw else None, bw_ref="copy_" if bw else None,
+                    bw_ref_bytes=2 * nbytes if bw else None, warm_params=dict(params, B=1, C=8, HW=8),
+                    note=("accel GB/s = (x read + output written, once each) / median time; % is of out.copy_(x)'s "
+                          "bandwidth (fastest round) in the same rounds"),
+                ))
+    if _timm() is not None:
+        for name, B in MODELS[size]:
+            params = dict(name=name, B=B, device=device, dtype=dtype)
+            out.append(Case(
+                op="pconv", group=f"FasterNet (timm, eval, 224x224), {device} {dtype}", name=f"{name} B{B}",
+                mode="fwd", builder=build_model, params=params, peers=("timm",), check=("timm",),
+                tol=tolerance(dtype, "fwd"), warm_params=dict(params, name="fasternet_t0", B=1),
+                note="accel.patch(model) (every spatial_mixing a PartialConv2d) against the unpatched model",
+            ))
+    return out
