@@ -216,6 +216,7 @@ def patch(
     strict: bool = False,
     inplace: bool = True,
     convert: Optional[Mapping[str, Any]] = None,
+    fuse_bn: bool = False,
 ) -> PatchReport:
     """Swap accel's kernels into ``model``, one module instance at a time; return what was done.
 
@@ -226,6 +227,8 @@ def patch(
         strict: raise RuntimeError when a plugin fails to load or a rule fails, instead of warning.
         inplace: False patches a deep copy and leaves ``model`` untouched.
         convert: opt-in conversions that change the maths, e.g. ``{"attention": "sigmoid"}``.
+        fuse_bn: fold each BatchNorm (in eval mode) that directly follows a convolution in an
+            ``nn.Sequential`` into that convolution, before the other rules run (inference only).
 
     Returns:
         A :class:`PatchReport`; ``report.model`` is the patched model. ``accel.unpatch`` undoes it.
@@ -253,6 +256,9 @@ def patch(
     slots = _parent_slots(root)
     new_changes: List[_Change] = []
     frozen: List[str] = []  # subtrees of replaced modules: never patched from outside
+    if fuse_bn:
+        new_changes += _fold_batchnorms(root, slots, replaced_ids | method_ids, report)
+        slots = _parent_slots(root)
 
     for path, module in list(root.named_modules()):
         if any(path.startswith(p + ".") for p in frozen):
@@ -290,6 +296,37 @@ def patch(
         state.changes.extend(new_changes)
         root.__dict__[_STATE_ATTR] = state
     return report
+
+
+def _fold_batchnorms(root: nn.Module, slots: Dict[int, List[Slot]], patched: Set[int],
+                     report: PatchReport) -> List[_Change]:
+    """fuse_bn: each foldable (conv, BatchNorm) pair becomes (folded conv, Identity); the folded conv
+    stays open to the rules that follow (a Conv1d may still become accel's)."""
+    from accel.patching import fuse_bn
+
+    shared = {i for i, s in slots.items() if len(s) > 1} | patched
+    todo, skipped = fuse_bn.plan(root, shared)
+    for path, why in skipped:
+        report.skipped.append(Skipped(path, "BatchNorm", f"fuse_bn: {why}"))
+    changes: List[_Change] = []
+    for path, seq, a, b in todo:
+        conv, norm = seq._modules[a], seq._modules[b]
+        for name, old, new in ((a, conv, fuse_bn.fold(conv, norm)), (b, norm, nn.Identity())):
+            full = f"{path}.{name}" if path else name
+            setattr(seq, name, new)
+            # an undo, not a replacement: the folded conv has new parameters, none to carry back
+            changes.append(_Change(full, old, "fuse_bn", undo=_restore(seq, name, old, new, full)))
+            report.replaced.append(Replaced(full, type(old).__name__, type(new).__name__, "fuse_bn"))
+    return changes
+
+
+def _restore(parent: nn.Module, name: str, original: nn.Module, replacement: nn.Module, path: str):
+    def undo() -> None:
+        if parent._modules.get(name) is replacement:
+            setattr(parent, name, original)
+        else:  # the user swapped it again since: theirs wins
+            warnings.warn(f"accel.unpatch: {path!r} changed after patch; left as it is", PatchWarning)
+    return undo
 
 
 def unpatch(model: nn.Module) -> int:
