@@ -19,6 +19,9 @@ fi
 $PY -m pip install -q pybind11 ninja einops numpy pytest cmake matplotlib expecttest
 # Hugging Face transformers, for the first-party accel-transformers plugin and its tests
 $PY -m pip install -q "transformers>=5"
+# timm, for the first-party accel-timm plugin and its tests; it needs torchvision, which must match
+# the torch already here (named in the same install, so the resolver cannot move torch)
+$PY -m pip install -q "timm>=1.0" "torch==$($PY -c 'import importlib.metadata as m; print(m.version("torch"))')"
 
 mkdir -p build
 log=build/setup.log
@@ -62,5 +65,7 @@ echo "[setup] build took $((SECONDS - start)) s; $warnings compiler warnings (se
 # First-party plugins are separate distributions, discovered through the accel.plugins entry point.
 $PY -m pip install -q -e ./plugins/transformers --no-deps --no-build-isolation >>"$log" 2>&1 \
   || { echo "[setup] installing plugins/transformers failed; full log: $log"; tail -n 40 "$log"; exit 1; }
+$PY -m pip install -q -e ./plugins/timm --no-deps --no-build-isolation >>"$log" 2>&1 \
+  || { echo "[setup] installing plugins/timm failed; full log: $log"; tail -n 40 "$log"; exit 1; }
 $PY scripts/cuda_archs.py
 $PY -m accel.info

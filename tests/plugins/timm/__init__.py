@@ -1,0 +1,1 @@
+"""Tests of plugins/timm (the accel-timm distribution)."""
