@@ -14,7 +14,6 @@
 
 #include <algorithm>
 #include <array>
-#include <atomic>
 #include <tuple>
 #include <vector>
 
@@ -31,6 +30,9 @@ using namespace accel::cpu;
 constexpr int64_t kCoBlock = 4;                 // output channels per pass: 4 x 2 accumulators fit the registers
 constexpr int64_t kTasksPerThread = 4;          // bands per thread, at least, where rows allow
 constexpr int64_t kBandBytes = 128 * 1024;      // a band's padded input rows stay within L2
+// From this many convolved channels the 3x3 convolution is compute-bound and runs through ATen's
+// (oneDNN's) convolution into a temporary; below, accel's kernels write it straight into the output.
+constexpr int64_t kLibraryMinChannels = 64;
 
 // Element (b, c, y, x) of a 4-D tensor at p + b*sb + c*sc + y*sh + x*sw.
 template <typename T>
@@ -263,6 +265,10 @@ Tensor partial_conv2d_cpu(const Tensor& x, const Tensor& weight, const std::opti
   Tensor out = empty_like_output(x);
   if (out.numel() == 0) return out;
   copy_untouched(x, g.cp, out);
+  if (g.cp >= kLibraryMinChannels) {
+    out.narrow(1, 0, g.cp).copy_(at::conv2d(x.narrow(1, 0, g.cp), weight, bias, 1, 1));
+    return out;
+  }
   AT_DISPATCH_FLOATING_TYPES_AND(at::kBFloat16, x.scalar_type(), "partial_conv2d_cpu", [&] {
     using acc_t = at::opmath_type<scalar_t>;
     const std::vector<acc_t> wt = arrange_weight<scalar_t>(weight, false);
@@ -277,7 +283,55 @@ Tensor partial_conv2d_cpu(const Tensor& x, const Tensor& weight, const std::opti
   return out;
 }
 
-// grad_w[co, ci, k] (and grad_b[co]) summed over every band; each worker sums its own bands.
+// sum[co * J + j] += sum_p g[co * P + p] * col[p * J + j] for co < cp, j < J: kM output channels at a
+// time over two vectors of j, then one (a fixed order of additions: the same result on every call).
+template <int kM, typename acc_t>
+void grad_gemm_block(const acc_t* g, const acc_t* col, int64_t P, int64_t J, acc_t* sum) {
+  using Vec = Vectorized<acc_t>;
+  constexpr int64_t V = Vec::size();
+  int64_t j = 0;
+  for (; j + 2 * V <= J; j += 2 * V) {
+    Vec a[kM][2];
+    for (int m = 0; m < kM; ++m) a[m][0] = a[m][1] = Vec(acc_t(0));
+    for (int64_t p = 0; p < P; ++p) {
+      const Vec c0 = Vec::loadu(col + p * J + j), c1 = Vec::loadu(col + p * J + j + V);
+      for (int m = 0; m < kM; ++m) {
+        const Vec gv(g[m * P + p]);
+        a[m][0] = at::vec::fmadd(gv, c0, a[m][0]);
+        a[m][1] = at::vec::fmadd(gv, c1, a[m][1]);
+      }
+    }
+    for (int m = 0; m < kM; ++m) {
+      (Vec::loadu(sum + m * J + j) + a[m][0]).store(sum + m * J + j);
+      (Vec::loadu(sum + m * J + j + V) + a[m][1]).store(sum + m * J + j + V);
+    }
+  }
+  for (; j + V <= J; j += V) {
+    Vec a[kM];
+    for (int m = 0; m < kM; ++m) a[m] = Vec(acc_t(0));
+    for (int64_t p = 0; p < P; ++p) {
+      const Vec c0 = Vec::loadu(col + p * J + j);
+      for (int m = 0; m < kM; ++m) a[m] = at::vec::fmadd(Vec(g[m * P + p]), c0, a[m]);
+    }
+    for (int m = 0; m < kM; ++m) (Vec::loadu(sum + m * J + j) + a[m]).store(sum + m * J + j);
+  }
+  for (; j < J; ++j) {
+    for (int m = 0; m < kM; ++m) {
+      acc_t z = 0;
+      for (int64_t p = 0; p < P; ++p) z += g[m * P + p] * col[p * J + j];
+      sum[m * J + j] += z;
+    }
+  }
+}
+
+template <int kM, typename acc_t>
+void grad_gemm(const acc_t* g, const acc_t* col, int64_t cp, int64_t P, int64_t J, acc_t* sum) {
+  int64_t co = 0;
+  for (; co + kM <= cp; co += kM) grad_gemm_block<kM>(g + co * P, col, P, J, sum + co * J);
+  for (; co < cp; ++co) grad_gemm_block<1>(g + co * P, col, P, J, sum + co * J);
+}
+
+// grad_w[co, ci, k] (and grad_b[co]) summed over every band, in a fixed order.
 template <typename scalar_t>
 void weight_grad(const Tensor& grad_out, const Tensor& x, int64_t cp, bool want_bias, Tensor& grad_w,
                  Tensor& grad_b) {
@@ -285,14 +339,16 @@ void weight_grad(const Tensor& grad_out, const Tensor& x, int64_t cp, bool want_
   const int64_t B = x.size(0), H = x.size(2), W = x.size(3);
   const Band band = plan_bands<acc_t>(B, H, W, cp);
   const View<const scalar_t> xs(x), gs(grad_out);
-  const int64_t tasks = B * band.bands, workers = std::min<int64_t>(tasks, at::get_num_threads());
-  std::vector<acc_t> partial(std::max<int64_t>(workers, 1) * cp * (cp * 9 + 1), acc_t(0));
-  std::atomic<int64_t> next_slot{0};
-  parallel_task_workers(tasks, [&](TaskCursor& cursor) {
-    acc_t* sum = partial.data() + next_slot.fetch_add(1) * cp * (cp * 9 + 1);  // (cp, cp*9) then (cp,)
+  // Slot s sums the bands [s * tasks / slots, (s + 1) * tasks / slots) in order, and the slots are
+  // added in order: the same gradients on every call (gradcheck asks for that), for a thread count.
+  const int64_t tasks = B * band.bands, slots = std::max<int64_t>(1, std::min<int64_t>(tasks, at::get_num_threads()));
+  const int64_t per_slot = cp * (cp * 9 + 1);  // (cp, cp*9) then (cp,)
+  std::vector<acc_t> partial(slots * per_slot, acc_t(0));
+  auto sum_slot = [&](int64_t slot) {
+    acc_t* sum = partial.data() + slot * per_slot;
     std::vector<acc_t> pad(cp * (band.rows_per_band + 2) * band.ld), g(cp * band.rows_per_band * W),
         col(band.rows_per_band * W * cp * 9);
-    for (int64_t task = cursor.next(); task >= 0; task = cursor.next()) {
+    for (int64_t task = slot * tasks / slots; task < (slot + 1) * tasks / slots; ++task) {
       const int64_t b = task / band.bands, y0 = (task % band.bands) * band.rows_per_band;
       const int64_t n = std::min(band.rows_per_band, H - y0);
       load_band(xs, b, cp, H, W, y0, n, band.ld, pad.data());
@@ -308,7 +364,7 @@ void weight_grad(const Tensor& grad_out, const Tensor& x, int64_t cp, bool want_
         }
       }
       // sum(co, ci*9 + k) += g(co, pixel) @ col(pixel, ci*9 + k): the band's input taps unrolled
-      // (im2col), one GEMM per band into this worker's sums
+      // (im2col), one product per band into this slot's sums
       const int64_t pixels = n * W;
       for (int64_t r = 0; r < n; ++r) {
         for (int64_t xx = 0; xx < W; ++xx) {
@@ -319,17 +375,22 @@ void weight_grad(const Tensor& grad_out, const Tensor& x, int64_t cp, bool want_
           }
         }
       }
-      const auto opts = at::TensorOptions().dtype(c10::CppTypeToScalarType<acc_t>::value);
-      const Tensor gm = at::from_blob(g.data(), {cp, pixels}, opts);
-      at::from_blob(sum, {cp, cp * 9}, opts).addmm_(gm, at::from_blob(col.data(), {pixels, cp * 9}, opts));
+      switch (std::min<int64_t>(cp, 4)) {  // four output channels per pass, then the rest
+        case 4: grad_gemm<4>(g.data(), col.data(), cp, pixels, cp * 9, sum); break;
+        case 3: grad_gemm<3>(g.data(), col.data(), cp, pixels, cp * 9, sum); break;
+        case 2: grad_gemm<2>(g.data(), col.data(), cp, pixels, cp * 9, sum); break;
+        default: grad_gemm<1>(g.data(), col.data(), cp, pixels, cp * 9, sum);
+      }
       if (want_bias) {
         for (int64_t co = 0; co < cp; ++co) sum[cp * cp * 9 + co] += cpu::sum(g.data() + co * pixels, pixels);
       }
     }
+  };
+  at::parallel_for(0, slots, 1, [&](int64_t s0, int64_t s1) {
+    for (int64_t slot = s0; slot < s1; ++slot) sum_slot(slot);
   });
-  const int64_t used = std::min<int64_t>(next_slot.load(), static_cast<int64_t>(partial.size() / (cp * (cp * 9 + 1))));
-  std::vector<acc_t> total(cp * (cp * 9 + 1), acc_t(0));
-  for (int64_t w = 0; w < used; ++w) {
+  std::vector<acc_t> total(per_slot, acc_t(0));
+  for (int64_t w = 0; w < slots; ++w) {
     const acc_t* p = partial.data() + w * total.size();
     for (size_t i = 0; i < total.size(); ++i) total[i] += p[i];
   }
@@ -352,6 +413,17 @@ std::tuple<Tensor, Tensor, Tensor> partial_conv2d_backward_cpu(const Tensor& gra
   if (empty) {  // nothing to sum over
     if (mask[1]) grad_w.zero_();
     if (grad_b.numel() > 0) grad_b.zero_();
+  }
+  if (g.cp >= kLibraryMinChannels && !empty) {
+    const std::optional<at::IntArrayRef> bias_sizes =
+        has_bias ? std::optional<at::IntArrayRef>(bias->sizes()) : std::nullopt;
+    auto [gx, gw, gb] = at::convolution_backward(grad_out.narrow(1, 0, g.cp), x.narrow(1, 0, g.cp), weight,
+                                                 bias_sizes, {1, 1}, {1, 1}, {1, 1}, false, {0, 0}, 1,
+                                                 {mask[0], mask[1], mask[2] && has_bias});
+    if (mask[0]) grad_x.narrow(1, 0, g.cp).copy_(gx);
+    if (mask[1]) grad_w.copy_(gw);
+    if (grad_b.numel() > 0) grad_b.copy_(gb);
+    return {grad_x, grad_w, grad_b};
   }
   AT_DISPATCH_FLOATING_TYPES_AND(at::kBFloat16, x.scalar_type(), "partial_conv2d_backward_cpu", [&] {
     if (mask[0] && !empty) {
