@@ -42,7 +42,8 @@ CAPABILITY = Capability(
     summary="partial 3x3 convolution (FasterNet PConv): the first channels convolved, the rest copied, one output",
     functions=("partial_conv2d",),
     ops=("partial_conv2d", "partial_conv2d_backward"),
-    dtypes={"cpu": (torch.float32, torch.float64, torch.bfloat16)},
+    dtypes={"cpu": (torch.float32, torch.float64, torch.bfloat16),
+            "cuda": (torch.float32, torch.float64, torch.bfloat16, torch.float16)},
     examples=_examples,
     modules=("PartialConv2d",),
     bench="pconv",
@@ -62,14 +63,14 @@ def partial_conv2d(x: Tensor, weight: Tensor, bias: Optional[Tensor] = None, *, 
     conv / concatenate form moves the tensor about three times.
 
     Args:
-        x: ``(B, C, H, W)``, float32/float64/bfloat16.
+        x: ``(B, C, H, W)``, float32/float64/bfloat16 (and float16 on CUDA).
         weight: ``(Cp, Cp, 3, 3)``, same dtype and device (stride 1, padding 1, as FasterNet).
         bias: optional ``(Cp,)`` (FasterNet has none; a folded BatchNorm gives one).
         dim_conv: Cp, the channels convolved; default ``C // n_div``.
         n_div: ``>= 1``, used when ``dim_conv`` is not given.
 
     Returns:
-        ``(B, C, H, W)`` in ``x``'s dtype (accumulation in fp32 for bf16).
+        ``(B, C, H, W)`` in ``x``'s dtype (accumulation in fp32 for bf16 and fp16).
     """
     x, weight = tensor_arg(_NAME, "x", x), tensor_arg(_NAME, "weight", weight)
     if dim_conv is None:
