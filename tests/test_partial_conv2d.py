@@ -67,6 +67,14 @@ def test_batch_zero_and_wide_stage():
     _check(2, 320, 7, 7, 80, torch.float32, channels_last=True)
 
 
+@pytest.mark.parametrize("channels_last", [False, True])
+def test_bf16_large_calls(channels_last):
+    # enough work for the library convolution where the CPU has bf16 dot products (accel's own
+    # kernels elsewhere): both must meet the reference
+    _check(8, 160, 14, 14, 40, torch.bfloat16, channels_last)
+    _check(2, 320, 7, 7, 80, torch.bfloat16, channels_last)
+
+
 def test_non_contiguous_input():
     x = torch.randn(2, 24, 9, 22, dtype=torch.float64)[..., ::2]  # strided along W
     w = torch.randn(6, 6, 3, 3, dtype=torch.float64)

@@ -9,7 +9,8 @@ Groups:
    cases also time ``out.copy_(x)`` in the same rounds: accel's bandwidth (x read + output written,
    once each) as a fraction of the copy's.
 2. ``FasterNet``: whole ``fasternet_t0`` / ``fasternet_t1`` (timm, random weights, eval mode,
-   224x224) with ``accel.patch`` against unpatched, forward, batch 1 and 32 (only with timm).
+   224x224) with ``accel.patch`` against unpatched, forward, batch 1 and 32, and again with
+   ``fuse_bn=True`` (only with timm).
 """
 from __future__ import annotations
 
@@ -26,7 +27,7 @@ from accel.nn import PartialConv2d
 STAGES = {"full": ((40, 56), (80, 28), (160, 14), (320, 7)), "quick": ((40, 56), (160, 14)), "tiny": ((8, 9),)}
 BATCHES = {"full": (32, 1), "quick": (8,), "tiny": (2,)}
 MODELS = {"full": (("fasternet_t0", 32), ("fasternet_t0", 1), ("fasternet_t1", 32), ("fasternet_t1", 1)),
-          "quick": (("fasternet_t0", 4),), "tiny": ()}
+          "quick": (("fasternet_t0", 4),), "tiny": (("fasternet_t0", 1),)}
 N_DIV = 4
 
 
@@ -77,17 +78,15 @@ def build_pconv(*, B: int, C: int, HW: int, mode: str, device: str, dtype: str, 
     return backward_setup(impls, (x, peer.partial_conv3.weight), gy)
 
 
-def build_model(*, name: str, B: int, device: str, dtype: str, seed: int = 0) -> Setup:
-    """A timm FasterNet patched by accel.patch vs the same model unpatched (shared weights)."""
-    import copy
-
+def build_model(*, name: str, B: int, device: str, dtype: str, fuse_bn: bool = False, seed: int = 0) -> Setup:
+    """A timm FasterNet patched by accel.patch (optionally with fuse_bn) vs the same model unpatched."""
     import timm
 
     import accel
 
     torch.manual_seed(seed)
     model = timm.create_model(name, pretrained=False).to(device=device, dtype=getattr(torch, dtype)).eval()
-    patched = accel.patch(copy.deepcopy(model))
+    patched = accel.patch(model, inplace=False, fuse_bn=fuse_bn).model
     x = torch.randn(B, 3, 224, 224, device=device, dtype=getattr(torch, dtype))
     return no_grad_setup({"accel": lambda: patched(x), "timm": lambda: model(x)})
 
@@ -112,12 +111,15 @@ def cases(args) -> List[Case]:
                           "bandwidth (fastest round) in the same rounds"),
                 ))
     if _timm() is not None:
-        for name, B in MODELS[size]:
-            params = dict(name=name, B=B, device=device, dtype=dtype)
-            out.append(Case(
-                op="pconv", group=f"FasterNet (timm, eval, 224x224), {device} {dtype}", name=f"{name} B{B}",
-                mode="fwd", builder=build_model, params=params, peers=("timm",), check=("timm",),
-                tol=tolerance(dtype, "fwd"), warm_params=dict(params, name="fasternet_t0", B=1),
-                note="accel.patch(model) (every spatial_mixing a PartialConv2d) against the unpatched model",
-            ))
+        for fuse_bn in (False, True):
+            for name, B in MODELS[size]:
+                params = dict(name=name, B=B, device=device, dtype=dtype, fuse_bn=fuse_bn)
+                out.append(Case(
+                    op="pconv", group=f"FasterNet (timm, eval, 224x224{', fuse_bn' if fuse_bn else ''}), {device} {dtype}",
+                    name=f"{name} B{B}", mode="fwd", builder=build_model, params=params, peers=("timm",),
+                    check=("timm",), tol=tolerance(dtype, "fwd"), warm_params=dict(params, name="fasternet_t0", B=1),
+                    note=("accel.patch(model" + (", fuse_bn=True" if fuse_bn else "") + ") (every spatial_mixing a "
+                          "PartialConv2d" + (", the MLPs' BatchNorms folded" if fuse_bn else "") + ") against the "
+                          "unpatched model"),
+                ))
     return out

@@ -17,6 +17,7 @@
 #include <tuple>
 #include <vector>
 
+#include "common/cpu_isa.h"
 #include "common/cpu_vec.h"
 #include "common/parallel.h"
 #include "partial_conv2d/partial_conv2d.h"
@@ -32,7 +33,19 @@ constexpr int64_t kTasksPerThread = 4;          // bands per thread, at least, w
 constexpr int64_t kBandBytes = 128 * 1024;      // a band's padded input rows stay within L2
 // From this many convolved channels the 3x3 convolution is compute-bound and runs through ATen's
 // (oneDNN's) convolution into a temporary; below, accel's kernels write it straight into the output.
+// bf16 on a CPU with bf16 dot products (AVX512-BF16, AMX): oneDNN's run at twice accel's widened
+// fp32 rate, so from fewer channels once a call has enough work to amortise its setup.
 constexpr int64_t kLibraryMinChannels = 64;
+constexpr int64_t kLibraryMinChannelsBf16Dot = 16;
+constexpr int64_t kLibraryMinMacsBf16Dot = int64_t(1) << 24;
+
+bool library_conv(const Tensor& x, int64_t cp) {
+  if (x.scalar_type() == at::kBFloat16 && cpu::cpu_has_avx512_bf16()) {
+    const int64_t macs = x.size(0) * x.size(2) * x.size(3) * cp * cp * 9;
+    if (cp >= kLibraryMinChannelsBf16Dot && macs >= kLibraryMinMacsBf16Dot) return true;
+  }
+  return cp >= kLibraryMinChannels;
+}
 
 // Element (b, c, y, x) of a 4-D tensor at p + b*sb + c*sc + y*sh + x*sw.
 template <typename T>
@@ -265,7 +278,7 @@ Tensor partial_conv2d_cpu(const Tensor& x, const Tensor& weight, const std::opti
   Tensor out = empty_like_output(x);
   if (out.numel() == 0) return out;
   copy_untouched(x, g.cp, out);
-  if (g.cp >= kLibraryMinChannels) {
+  if (library_conv(x, g.cp)) {
     out.narrow(1, 0, g.cp).copy_(at::conv2d(x.narrow(1, 0, g.cp), weight, bias, 1, 1));
     return out;
   }
@@ -414,7 +427,7 @@ std::tuple<Tensor, Tensor, Tensor> partial_conv2d_backward_cpu(const Tensor& gra
     if (mask[1]) grad_w.zero_();
     if (grad_b.numel() > 0) grad_b.zero_();
   }
-  if (g.cp >= kLibraryMinChannels && !empty) {
+  if (library_conv(x, g.cp) && !empty) {
     const std::optional<at::IntArrayRef> bias_sizes =
         has_bias ? std::optional<at::IntArrayRef>(bias->sizes()) : std::nullopt;
     auto [gx, gw, gb] = at::convolution_backward(grad_out.narrow(1, 0, g.cp), x.narrow(1, 0, g.cp), weight,
