@@ -8,38 +8,27 @@ from torch import nn
 from accel.nn import PartialConv2d
 from accel.ops import partial_conv2d
 from accel.reference.partial_conv2d import partial_conv2d as reference
+from pconv_cases import pconv_inputs, rel_error  # tests/ is on sys.path (pytest rootdir-based import)
 
 TOL = {torch.float64: 1e-12, torch.float32: 2e-5, torch.bfloat16: 2e-2}
 SIZES = [(1, 1), (3, 5), (7, 7), (14, 14), (17, 23), (56, 56)]
 
 
-def _rel(a, b):
-    if b.numel() == 0:
-        return 0.0
-    return ((a.double() - b.double()).abs().max() / b.double().abs().max().clamp_min(1e-12)).item()
-
-
 def _check(B, C, H, W, cp, dtype, channels_last, bias=True, seed=0):
-    g = torch.Generator().manual_seed(seed)
-    x = torch.randn(B, C, H, W, generator=g, dtype=torch.float64).to(dtype)
-    if channels_last:
-        x = x.to(memory_format=torch.channels_last)
-    w = (torch.randn(cp, cp, 3, 3, generator=g, dtype=torch.float64) / (3 * cp ** 0.5)).to(dtype)
-    b = torch.randn(cp, generator=g, dtype=torch.float64).to(dtype) if bias else None
+    x, w, b, gy = pconv_inputs(B, C, cp, H, W, dtype, channels_last, bias, seed)
     leaves = [t.requires_grad_() for t in (x, w, b) if t is not None]
     y = partial_conv2d(x, w, b, dim_conv=cp)
     assert y.shape == x.shape and y.dtype == dtype
     assert y.is_contiguous(memory_format=torch.channels_last if channels_last and not x.is_contiguous()
                            else torch.contiguous_format)
-    gy = torch.randn(y.shape, generator=g, dtype=torch.float64).to(dtype)
     ref_leaves = [t.detach().double().requires_grad_() for t in leaves]
     yr = reference(ref_leaves[0], ref_leaves[1], ref_leaves[2] if bias else None, dim_conv=cp)
-    assert _rel(y, yr) < TOL[dtype]
+    assert rel_error(y, yr) < TOL[dtype]
     grads = torch.autograd.grad(y, leaves, gy)
     refs = torch.autograd.grad(yr, ref_leaves, gy.double())
     for name, got, want in zip("xwb", grads, refs):
         assert got.dtype == dtype, name
-        assert _rel(got, want) < TOL[dtype] * (4 if dtype == torch.bfloat16 else 1), name
+        assert rel_error(got, want) < TOL[dtype] * (4 if dtype == torch.bfloat16 else 1), name
 
 
 @pytest.mark.parametrize("C", [16, 40, 64, 96, 130])
@@ -78,13 +67,13 @@ def test_bf16_large_calls(channels_last):
 def test_non_contiguous_input():
     x = torch.randn(2, 24, 9, 22, dtype=torch.float64)[..., ::2]  # strided along W
     w = torch.randn(6, 6, 3, 3, dtype=torch.float64)
-    assert _rel(partial_conv2d(x, w), reference(x, w)) < 1e-12
+    assert rel_error(partial_conv2d(x, w), reference(x, w)) < 1e-12
 
 
 def test_fp64_stays_fp64():
     x = torch.randn(1, 8, 5, 5, dtype=torch.float64) * 1e-3 + 1.0
     w = torch.randn(2, 2, 3, 3, dtype=torch.float64)
-    assert _rel(partial_conv2d(x, w), reference(x, w)) < 1e-14
+    assert rel_error(partial_conv2d(x, w), reference(x, w)) < 1e-14
 
 
 @pytest.mark.parametrize("args, kwargs, err, match", [
@@ -117,7 +106,7 @@ def test_module_matches_timm_layout():
     assert (m.dim_conv3, m.dim_untouched) == (10, 30)
     assert list(m.state_dict()) == ["partial_conv3.weight"]
     x = torch.randn(2, 40, 11, 11)
-    assert _rel(m(x), reference(x, m.partial_conv3.weight, dim_conv=10)) < 1e-5
+    assert rel_error(m(x), reference(x, m.partial_conv3.weight, dim_conv=10)) < 1e-5
     with pytest.raises(ValueError, match="forward must be"):
         PartialConv2d(40, 4, "inplace")
     with pytest.raises(ValueError, match=r"in \[1, dim=8\]"):

@@ -13,6 +13,7 @@ pytestmark = [
 
 from accel.ops import partial_conv2d  # noqa: E402
 from accel.reference.partial_conv2d import partial_conv2d as reference  # noqa: E402
+from pconv_cases import pconv_inputs, rel_error  # noqa: E402  (tests/ is on sys.path)
 
 TOL = {torch.float64: 1e-12, torch.float32: 2e-5, torch.bfloat16: 2e-2, torch.float16: 3e-3}
 CPU_DTYPES = (torch.float64, torch.float32, torch.bfloat16)
@@ -31,23 +32,6 @@ SHAPES = [
 ]
 
 
-def _rel(a, b):
-    if b.numel() == 0:
-        return 0.0
-    return ((a.double().cpu() - b.double().cpu()).abs().max() / b.double().cpu().abs().max().clamp_min(1e-12)).item()
-
-
-def _inputs(B, C, cp, H, W, dtype, channels_last, bias=True, seed=0):
-    g = torch.Generator().manual_seed(seed)
-    x = torch.randn(B, C, H, W, generator=g, dtype=torch.float64).to(dtype)
-    if channels_last:
-        x = x.to(memory_format=torch.channels_last)
-    w = (torch.randn(cp, cp, 3, 3, generator=g, dtype=torch.float64) / (3 * cp ** 0.5)).to(dtype)
-    b = torch.randn(cp, generator=g, dtype=torch.float64).to(dtype) if bias else None
-    gy = torch.randn(B, C, H, W, generator=g, dtype=torch.float64).to(dtype)
-    return x, w, b, gy
-
-
 def _run(x, w, b, gy, cp, device):
     leaves = [t.detach().to(device).requires_grad_() for t in (x, w, b) if t is not None]  # keeps x's format
     y = partial_conv2d(leaves[0], leaves[1], leaves[2] if b is not None else None, dim_conv=cp)
@@ -60,7 +44,7 @@ def _run(x, w, b, gy, cp, device):
 @pytest.mark.parametrize("shape", SHAPES, ids=lambda s: "B{}-C{}-Cp{}-{}x{}".format(*s))
 def test_cuda_matches_reference_and_cpu(dtype, channels_last, shape):
     B, C, cp, H, W = shape
-    x, w, b, gy = _inputs(B, C, cp, H, W, dtype, channels_last, bias=cp % 2 == 0 or C == 13)
+    x, w, b, gy = pconv_inputs(B, C, cp, H, W, dtype, channels_last, bias=cp % 2 == 0 or C == 13)
     y, grads = _run(x, w, b, gy, cp, "cuda")
     assert y.is_cuda and y.dtype == dtype and y.shape == x.shape
     fmt = torch.channels_last if channels_last and not x.is_contiguous() else torch.contiguous_format
@@ -73,22 +57,22 @@ def test_cuda_matches_reference_and_cpu(dtype, channels_last, shape):
     yr = reference(ref_leaves[0], ref_leaves[1], ref_leaves[2] if b is not None else None, dim_conv=cp)
     refs = torch.autograd.grad(yr, ref_leaves, gy.double())
     tol = TOL[dtype]
-    assert _rel(y, yr) < tol
+    assert rel_error(y, yr) < tol
     for name, got, want in zip("xwb", grads, refs):
         assert got.dtype == dtype and got.is_cuda, name
-        assert _rel(got, want) < tol * (4 if dtype in (torch.bfloat16, torch.float16) else 1), name
+        assert rel_error(got, want) < tol * (4 if dtype in (torch.bfloat16, torch.float16) else 1), name
 
     if dtype in CPU_DTYPES:
         yc, grads_c = _run(x, w, b, gy, cp, "cpu")
-        assert _rel(y, yc) < tol
+        assert rel_error(y, yc) < tol
         for name, got, want in zip("xwb", grads, grads_c):
-            assert _rel(got, want) < tol * (4 if dtype == torch.bfloat16 else 1), name
+            assert rel_error(got, want) < tol * (4 if dtype == torch.bfloat16 else 1), name
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16], ids=str)
 @pytest.mark.parametrize("channels_last", [False, True], ids=["contiguous", "channels_last"])
 def test_batch_zero(dtype, channels_last):
-    x, w, b, gy = _inputs(0, 16, 4, 5, 5, dtype, channels_last)
+    x, w, b, gy = pconv_inputs(0, 16, 4, 5, 5, dtype, channels_last)
     y, (gx, gw, gb) = _run(x, w, b, gy, 4, "cuda")
     assert y.shape == (0, 16, 5, 5) and gx.shape == (0, 16, 5, 5)
     assert torch.equal(gw.cpu(), torch.zeros_like(w)) and torch.equal(gb.cpu(), torch.zeros_like(b))
@@ -100,25 +84,25 @@ def test_strided_input_and_expanded_grad():
     y = partial_conv2d(x, w)
     xr, wr = x.detach().cpu().requires_grad_(), w.detach().cpu().requires_grad_()
     yr = reference(xr, wr)
-    assert _rel(y, yr) < 1e-12
+    assert rel_error(y, yr) < 1e-12
     y.sum().backward()  # grad_out is an expanded scalar: every stride 0
     yr.sum().backward()
-    assert _rel(x.grad, xr.grad) < 1e-12 and _rel(w.grad, wr.grad) < 1e-12
+    assert rel_error(x.grad, xr.grad) < 1e-12 and rel_error(w.grad, wr.grad) < 1e-12
 
 
 def test_output_mask_and_no_bias():
-    x, w, _, gy = _inputs(2, 40, 10, 17, 23, torch.float32, False, bias=False)
+    x, w, _, gy = pconv_inputs(2, 40, 10, 17, 23, torch.float32, False, bias=False)
     xc, wc, gyc = x.cuda(), w.cuda(), gy.cuda()
     gx, gw, gb = torch.ops.accel.partial_conv2d_backward(gyc, xc, wc, None, 10, [False, True, True])
     assert gx.numel() == 0 and gb.numel() == 0 and gw.shape == w.shape
     gx2, gw2, gb2 = torch.ops.accel.partial_conv2d_backward(gyc, xc, wc, None, 10, [True, False, False])
     assert gx2.shape == x.shape and gw2.numel() == 0 and gb2.numel() == 0
     gxc, gwc, _ = torch.ops.accel.partial_conv2d_backward(gy, x, w, None, 10, [True, True, False])
-    assert _rel(gx2, gxc) < 2e-5 and _rel(gw, gwc) < 2e-5
+    assert rel_error(gx2, gxc) < 2e-5 and rel_error(gw, gwc) < 2e-5
 
 
 def test_backward_is_deterministic():
-    x, w, b, gy = _inputs(4, 64, 16, 28, 28, torch.float32, True)
+    x, w, b, gy = pconv_inputs(4, 64, 16, 28, 28, torch.float32, True)
     args = (gy.cuda(), x.cuda().contiguous(memory_format=torch.channels_last), w.cuda(), b.cuda(), 16,
             [True, True, True])
     first = torch.ops.accel.partial_conv2d_backward(*args)
@@ -149,4 +133,4 @@ def test_cuda_graph_capture():
     x.copy_(torch.randn_like(x))
     graph.replay()
     torch.cuda.synchronize()
-    assert _rel(y, reference(x.double().cpu(), w.double().cpu())) < 2e-5
+    assert rel_error(y, reference(x.double().cpu(), w.double().cpu())) < 2e-5

@@ -36,6 +36,32 @@ struct Strides {
 // loops then walk the channels fastest, so that neighbouring threads read neighbouring addresses.
 inline bool channel_fastest(const Strides& s) { return (s.c < 0 ? -s.c : s.c) < (s.w < 0 ? -s.w : s.w); }
 
+// dst[c * dst_plane + r * cols + col] = src(c, y0 + r, x0 + col) as acc_t, zero outside the image,
+// for c < channels, r < rows, col < cols, where src(c, y, x) = src[c * s.c + y * s.h + x * s.w]: a
+// block's threads stage a tile together, walking the channels fastest when they lie closest.
+template <typename scalar_t, typename acc_t>
+__device__ inline void stage_tile(const scalar_t* src, const Strides& s, bool by_channel, int channels, int rows,
+                                  int cols, int64_t y0, int64_t x0, int64_t H, int64_t W, acc_t* dst, int dst_plane,
+                                  int tid, int nthreads) {
+  const int n = channels * rows * cols;
+  for (int i = tid; i < n; i += nthreads) {
+    int c, r, col;
+    if (by_channel) {
+      c = i % channels;
+      r = i / channels / cols;
+      col = i / channels % cols;
+    } else {
+      col = i % cols;
+      r = i / cols % rows;
+      c = i / (cols * rows);
+    }
+    const int64_t y = y0 + r, x = x0 + col;
+    acc_t v = acc_t(0);
+    if (y >= 0 && y < H && x >= 0 && x < W) v = static_cast<acc_t>(src[c * s.c + y * s.h + x * s.w]);
+    dst[c * dst_plane + r * cols + col] = v;
+  }
+}
+
 // ------------------------------------------------------------------ the convolution
 
 struct ConvParams {
@@ -125,24 +151,8 @@ __global__ void __launch_bounds__(256) conv3x3_kernel(ConvParams p, int64_t tile
   for (int64_t ci0 = 0; ci0 < cp; ci0 += CI) {
     const int cn = static_cast<int>(cp - ci0 < CI ? cp - ci0 : CI);
     __syncthreads();  // every thread is done with the previous chunk
-    const int n_in = cn * plane;
-    for (int i = tid; i < n_in; i += nthreads) {
-      int c, r, col;
-      if (p.in_channel_fastest) {
-        c = i % cn;
-        const int pix = i / cn;
-        r = pix / pw;
-        col = pix % pw;
-      } else {
-        col = i % pw;
-        r = (i / pw) % ph;
-        c = i / plane;
-      }
-      const int64_t y = y0 - 1 + r, x = x0 - 1 + col;
-      acc_t v = acc_t(0);
-      if (y >= 0 && y < H && x >= 0 && x < W) v = static_cast<acc_t>(in[(ci0 + c) * p.is.c + y * p.is.h + x * p.is.w]);
-      xs[c * plane + r * pw + col] = v;
-    }
+    stage_tile(in + ci0 * p.is.c, p.is, p.in_channel_fastest, cn, ph, pw, y0 - 1, x0 - 1, H, W, xs, plane, tid,
+               nthreads);
     const int n_w = cn * 9 * COB;
     for (int i = tid; i < n_w; i += nthreads) {  // i = (c * 9 + k) * COB + j
       const int j = i % COB, k = (i / COB) % 9, c = i / (9 * COB);
@@ -294,42 +304,10 @@ __global__ void __launch_bounds__(kWgradThreads) wgrad_kernel(WgradParams p, Wgr
     const int64_t tile_x = t % pl.tiles_x, tile_y = (t / pl.tiles_x) % pl.tiles_y, b = t / (pl.tiles_x * pl.tiles_y);
     const int64_t x0 = tile_x * TW, y0 = tile_y * R;
     __syncthreads();  // every thread is done with the previous tile
-    const int n_x = cin * (R + 2) * XW;
-    for (int i = tid; i < n_x; i += nthreads) {
-      int c, r, col;
-      if (p.x_channel_fastest) {
-        c = i % cin;
-        r = i / cin / XW;
-        col = i / cin % XW;
-      } else {
-        col = i % XW;
-        r = i / XW % (R + 2);
-        c = i / (XW * (R + 2));
-      }
-      const int64_t y = y0 - 1 + r, x = x0 - 1 + col;
-      acc_t v = acc_t(0);
-      if (y >= 0 && y < H && x >= 0 && x < W) {
-        v = static_cast<acc_t>(xg[b * p.xs.b + (ci0 + c) * p.xs.c + y * p.xs.h + x * p.xs.w]);
-      }
-      xsm[c * XPLANE + r * XW + col] = v;
-    }
-    const int n_g = con * R * TW;
-    for (int i = tid; i < n_g; i += nthreads) {
-      int c, r, col;
-      if (p.g_channel_fastest) {
-        c = i % con;
-        r = i / con / TW;
-        col = i / con % TW;
-      } else {
-        col = i % TW;
-        r = i / TW % R;
-        c = i / (TW * R);
-      }
-      const int64_t y = y0 + r, x = x0 + col;
-      acc_t v = acc_t(0);
-      if (y < H && x < W) v = static_cast<acc_t>(gg[b * p.gs.b + (co0 + c) * p.gs.c + y * p.gs.h + x * p.gs.w]);
-      gsm[c * GPLANE + r * TW + col] = v;
-    }
+    stage_tile(xg + b * p.xs.b + ci0 * p.xs.c, p.xs, p.x_channel_fastest, cin, R + 2, XW, y0 - 1, x0 - 1, H, W, xsm,
+               XPLANE, tid, nthreads);
+    stage_tile(gg + b * p.gs.b + co0 * p.gs.c, p.gs, p.g_channel_fastest, con, R, TW, y0, x0, H, W, gsm, GPLANE, tid,
+               nthreads);
     __syncthreads();
     if (!active) continue;
     const int ncols = static_cast<int>(W - x0 < TW ? W - x0 : TW);
