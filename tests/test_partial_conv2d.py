@@ -6,7 +6,7 @@ import torch
 from torch import nn
 
 from accel.nn import PartialConv2d
-from accel.ops import partial_conv2d
+from accel.ops import partial_conv2d, partial_conv2d_
 from accel.reference.partial_conv2d import partial_conv2d as reference
 from pconv_cases import pconv_inputs, rel_error  # tests/ is on sys.path (pytest rootdir-based import)
 
@@ -126,3 +126,29 @@ def test_from_module_shares_the_conv():
     src.partial_conv3 = nn.Conv2d(6, 6, 3, 1, 2, bias=False)
     with pytest.raises(ValueError, match="padding 1"):
         PartialConv2d.from_module(src)
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("channels_last", [False, True])
+@pytest.mark.parametrize("B, C, H, W, cp", [(2, 13, 7, 5, 3), (2, 40, 17, 23, 10), (2, 320, 7, 7, 80),
+                                            (8, 160, 14, 14, 40), (0, 16, 5, 5, 4)])
+def test_in_place(dtype, channels_last, B, C, H, W, cp):
+    x, w, b, _ = pconv_inputs(B, C, cp, H, W, dtype, channels_last)
+    want = reference(x.double(), w.double(), b.double(), dim_conv=cp)
+    before = x.clone()
+    with torch.no_grad():
+        got = partial_conv2d_(x, w, b, dim_conv=cp)
+    assert got is x and x.stride() == before.stride()
+    assert torch.equal(x[:, cp:], before[:, cp:])  # the other channels untouched
+    assert rel_error(x, want) < TOL[dtype]
+
+
+def test_in_place_errors():
+    x, w = torch.randn(2, 16, 5, 5), torch.randn(4, 4, 3, 3)
+    with pytest.raises(RuntimeError, match="is for inference"):
+        partial_conv2d_(x, w.requires_grad_())
+    big = torch.randn(2, 16, 5, 5)
+    with pytest.raises(ValueError, match="weight shares memory with x"):
+        partial_conv2d_(big, big[0, :4, :3, :3].unsqueeze(0).expand(4, 4, 3, 3))
+    with pytest.raises(ValueError, match=r"weight must have shape \(Cp, Cp, 3, 3\)"):
+        partial_conv2d_(x, torch.randn(3, 3, 3, 3))

@@ -134,3 +134,18 @@ def test_cuda_graph_capture():
     graph.replay()
     torch.cuda.synchronize()
     assert rel_error(y, reference(x.double().cpu(), w.double().cpu())) < 2e-5
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("channels_last", [False, True])
+def test_in_place_cuda(dtype, channels_last):
+    from accel.ops import partial_conv2d_
+
+    for B, C, cp, H, W in [(2, 13, 3, 7, 5), (2, 40, 10, 37, 70), (2, 320, 80, 7, 7)]:
+        x, w, b, _ = pconv_inputs(B, C, cp, H, W, dtype, channels_last)
+        want = reference(x.double(), w.double(), b.double(), dim_conv=cp)
+        xc = x.cuda()
+        with torch.no_grad():
+            assert partial_conv2d_(xc, w.cuda(), b.cuda(), dim_conv=cp) is xc
+        assert torch.equal(xc[:, cp:].cpu(), x[:, cp:])
+        assert rel_error(xc, want) < TOL[dtype]

@@ -27,6 +27,10 @@ def _examples(device: torch.device, dtype: torch.dtype):
                 dict(dim_conv=5)),
         Example("C8 n_div 2, 1x1", partial_conv2d, (t(3, 8, 1, 1), t(4, 4, 3, 3)), dict(n_div=2)),
         Example("every channel convolved, 4x3", partial_conv2d, (t(1, 3, 4, 3), t(3, 3, 3, 3)), dict(dim_conv=3)),
+        Example("in place, C13 n_div 4, 7x5, bias", partial_conv2d_,
+                (t(2, 13, 7, 5, grad=False), t(3, 3, 3, 3, grad=False), t(3, grad=False)), {}),
+        Example("in place, channels_last C16 dim_conv 5", partial_conv2d_,
+                (x_cl.detach().clone(), t(5, 5, 3, 3, grad=False)), dict(dim_conv=5)),
     ]
 
 
@@ -40,8 +44,8 @@ def _sanitize_examples(device: torch.device, dtype: torch.dtype):
 CAPABILITY = Capability(
     name="partial_conv2d",
     summary="partial 3x3 convolution (FasterNet PConv): the first channels convolved, the rest copied, one output",
-    functions=("partial_conv2d",),
-    ops=("partial_conv2d", "partial_conv2d_backward"),
+    functions=("partial_conv2d", "partial_conv2d_"),
+    ops=("partial_conv2d", "partial_conv2d_backward", "partial_conv2d_"),
     dtypes={"cpu": (torch.float32, torch.float64, torch.bfloat16),
             "cuda": (torch.float32, torch.float64, torch.bfloat16, torch.float16)},
     examples=_examples,
@@ -81,6 +85,27 @@ def partial_conv2d(x: Tensor, weight: Tensor, bias: Optional[Tensor] = None, *, 
     return torch.ops.accel.partial_conv2d(x, weight, bias, int_arg(_NAME, "dim_conv", dim_conv))
 
 
+def partial_conv2d_(x: Tensor, weight: Tensor, bias: Optional[Tensor] = None, *, dim_conv: Optional[int] = None,
+                    n_div: int = 4) -> Tensor:
+    """In place, for inference: ``x[:, :Cp] = conv2d(x[:, :Cp], weight, bias, padding=1)``; returns ``x``.
+
+    The convolved channels go into the tensor the caller owns (through a ``(B, Cp, H, W)`` temporary:
+    each output pixel reads its neighbours' old values), the others are not touched. Arguments as
+    :func:`partial_conv2d`; not differentiable (use :func:`partial_conv2d` for training).
+    """
+    x, weight = tensor_arg(_NAME, "x", x), tensor_arg(_NAME, "weight", weight)
+    if dim_conv is None:
+        n_div = int_arg(_NAME, "n_div", n_div)
+        if n_div < 1:
+            raise ValueError(f"{_NAME}_: n_div must be >= 1, got {n_div}")
+        dim_conv = size(x, 1) // n_div
+    if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (x, weight, bias)):
+        raise RuntimeError(f"{_NAME}_ is for inference and has no gradient: call it under torch.no_grad(), or use "
+                           f"{_NAME} to train")
+    torch.ops.accel.partial_conv2d_(x, weight, bias, int_arg(_NAME, "dim_conv", dim_conv))
+    return x
+
+
 def _like(x: Tensor) -> Tensor:
     """An uninitialised tensor of x's shape in the memory format the kernels give (channels_last
     when x is, contiguous otherwise)."""
@@ -96,6 +121,12 @@ def _partial_conv2d_fake(x, weight, bias, dim_conv):
     fake_dims(_NAME, x=(x, 4, "(B, C, H, W)"), weight=(weight, 4, "(Cp, Cp, 3, 3)"))
     fake_same_device(_NAME, "x", x, weight=weight, bias=bias)
     return _like(x)
+
+
+@torch.library.register_fake("accel::partial_conv2d_")
+def _partial_conv2d_inplace_fake(x, weight, bias, dim_conv):
+    fake_dims(_NAME, x=(x, 4, "(B, C, H, W)"), weight=(weight, 4, "(Cp, Cp, 3, 3)"))
+    fake_same_device(_NAME, "x", x, weight=weight, bias=bias)
 
 
 @torch.library.register_fake("accel::partial_conv2d_backward")

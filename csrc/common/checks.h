@@ -4,6 +4,7 @@
 // (TORCH_CHECK_VALUE), the same types the Python wrappers raise for their own arguments.
 #pragma once
 
+#include <ATen/MemoryOverlap.h>
 #include <ATen/core/Tensor.h>
 #include <c10/util/Exception.h>
 
@@ -43,6 +44,12 @@ inline void check_floating(const char* op, const char* name, const at::Tensor& t
 inline void check_dtype(const char* op, const char* name, const at::Tensor& t, at::ScalarType want,
                         const char* want_name) {
   TORCH_CHECK_TYPE(t.scalar_type() == want, op, ": ", name, " must be ", want_name, ", got ", t.scalar_type());
+}
+
+// Whether t may overlap `written` (layouts too irregular to tell count when they share a storage).
+inline bool shares_memory(const at::Tensor& t, const at::Tensor& written) {
+  if (!t.has_storage() || !written.has_storage() || !t.storage().is_alias_of(written.storage())) return false;
+  return at::get_overlap_status(t, written) != at::MemOverlapStatus::No;
 }
 
 }  // namespace accel

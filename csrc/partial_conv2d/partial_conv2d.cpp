@@ -5,6 +5,8 @@
 #include <ATen/ATen.h>
 #include <torch/library.h>
 
+#include <torch/csrc/autograd/autograd_not_implemented_fallback.h>
+
 #include "common/checks.h"
 
 namespace accel::partial_conv2d {
@@ -44,6 +46,15 @@ Geometry check_backward(const at::Tensor& grad_out, const at::Tensor& x, const a
   return g;
 }
 
+Geometry check_inplace(const at::Tensor& x, const at::Tensor& weight, const c10::optional<at::Tensor>& bias,
+                       int64_t dim_conv) {
+  const Geometry g = check_forward(x, weight, bias, dim_conv);
+  TORCH_CHECK_VALUE(!shares_memory(weight, x), kOp, "_: weight shares memory with x, which the op writes; pass a copy");
+  TORCH_CHECK_VALUE(!(bias.has_value() && bias->defined() && shares_memory(*bias, x)), kOp,
+                    "_: bias shares memory with x, which the op writes; pass a copy");
+  return g;
+}
+
 at::Tensor empty_like_output(const at::Tensor& x) {
   const bool cl = x.is_contiguous(at::MemoryFormat::ChannelsLast) && !x.is_contiguous();
   return at::empty(x.sizes(), x.options().memory_format(cl ? at::MemoryFormat::ChannelsLast
@@ -54,7 +65,14 @@ at::Tensor empty_like_output(const at::Tensor& x) {
 
 TORCH_LIBRARY_FRAGMENT(accel, m) {
   m.def("partial_conv2d(Tensor x, Tensor weight, Tensor? bias, int dim_conv) -> Tensor");
+  // In place, for inference: channels [0, dim_conv) of x replaced by their convolution.
+  m.def("partial_conv2d_(Tensor(a!) x, Tensor weight, Tensor? bias, int dim_conv) -> ()");
   m.def(
       "partial_conv2d_backward(Tensor grad_out, Tensor x, Tensor weight, Tensor? bias, int dim_conv, "
       "bool[3] output_mask) -> (Tensor, Tensor, Tensor)");
+}
+
+// Inference only: called on tensors that require grad, the op raises instead of leaving gradients unset.
+TORCH_LIBRARY_IMPL(accel, Autograd, m) {
+  m.impl("partial_conv2d_", torch::autograd::autogradNotImplementedFallback());
 }

@@ -26,6 +26,10 @@ Geometry check_forward(const at::Tensor& x, const at::Tensor& weight, const c10:
 Geometry check_backward(const at::Tensor& grad_out, const at::Tensor& x, const at::Tensor& weight,
                         const c10::optional<at::Tensor>& bias, int64_t dim_conv);
 
+// The in-place op's checks: the forward's, and weight and bias not overlapping x.
+Geometry check_inplace(const at::Tensor& x, const at::Tensor& weight, const c10::optional<at::Tensor>& bias,
+                       int64_t dim_conv);
+
 // An uninitialised tensor of x's shape in the output's memory format.
 at::Tensor empty_like_output(const at::Tensor& x);
 

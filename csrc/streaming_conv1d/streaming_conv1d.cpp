@@ -11,15 +11,6 @@
 #include "common/checks.h"
 
 namespace accel::streaming_conv1d {
-namespace {
-
-// Whether t may overlap `state` (layouts too irregular to tell count when they share a storage).
-bool shares_memory(const at::Tensor& t, const at::Tensor& state) {
-  if (!t.has_storage() || !state.has_storage() || !t.storage().is_alias_of(state.storage())) return false;
-  return at::get_overlap_status(t, state) != at::MemOverlapStatus::No;
-}
-
-}  // namespace
 
 Geometry check(const at::Tensor& x, const at::Tensor& state, const at::Tensor& weight,
                const c10::optional<at::Tensor>& bias, int64_t dilation, int64_t groups, const std::string& activation,

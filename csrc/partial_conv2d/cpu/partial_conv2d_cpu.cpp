@@ -296,6 +296,32 @@ Tensor partial_conv2d_cpu(const Tensor& x, const Tensor& weight, const std::opti
   return out;
 }
 
+// In place: the convolution of x's first Cp channels goes to a (B, Cp, H, W) temporary (the bands
+// read halo rows that a neighbouring band would already have overwritten), then over them.
+void partial_conv2d_inplace_cpu(const Tensor& x, const Tensor& weight, const std::optional<Tensor>& bias,
+                                int64_t dim_conv) {
+  const Geometry g = check_inplace(x, weight, bias, dim_conv);
+  check_cpu_dtype(x);
+  if (x.numel() == 0) return;
+  const Tensor conv = x.narrow(1, 0, g.cp);
+  if (library_conv(x, g.cp)) {
+    conv.copy_(at::conv2d(conv, weight, bias, 1, 1));
+    return;
+  }
+  Tensor tmp = at::empty({g.batch, g.cp, g.height, g.width}, x.options());
+  AT_DISPATCH_FLOATING_TYPES_AND(at::kBFloat16, x.scalar_type(), "partial_conv2d_inplace_cpu", [&] {
+    using acc_t = at::opmath_type<scalar_t>;
+    std::vector<acc_t> b;
+    if (bias.has_value() && bias->defined()) {
+      const Tensor bc = bias->contiguous();
+      b.resize(g.cp);
+      convert_n(bc.const_data_ptr<scalar_t>(), b.data(), g.cp);
+    }
+    conv3x3_into<scalar_t>(x, g.cp, arrange_weight<scalar_t>(weight, false), g.cp, b.empty() ? nullptr : b.data(), tmp);
+  });
+  conv.copy_(tmp);
+}
+
 // sum[co * J + j] += sum_p g[co * P + p] * col[p * J + j] for co < cp, j < J: kM output channels at a
 // time over two vectors of j, then one (a fixed order of additions: the same result on every call).
 template <int kM, typename acc_t>
@@ -456,4 +482,5 @@ std::tuple<Tensor, Tensor, Tensor> partial_conv2d_backward_cpu(const Tensor& gra
 TORCH_LIBRARY_IMPL(accel, CPU, m) {
   m.impl("partial_conv2d", &accel::partial_conv2d::partial_conv2d_cpu);
   m.impl("partial_conv2d_backward", &accel::partial_conv2d::partial_conv2d_backward_cpu);
+  m.impl("partial_conv2d_", &accel::partial_conv2d::partial_conv2d_inplace_cpu);
 }

@@ -74,6 +74,21 @@ Tensor partial_conv2d_cuda(const Tensor& x, const Tensor& weight_, const std::op
   return out;
 }
 
+// In place: the convolution goes to a (B, Cp, H, W) temporary (blocks read halo pixels that another
+// block would already have overwritten), then over x's first Cp channels, on the current stream.
+void partial_conv2d_inplace_cuda(const Tensor& x, const Tensor& weight_, const std::optional<Tensor>& bias_,
+                                 int64_t dim_conv) {
+  const Geometry g = check_inplace(x, weight_, bias_, dim_conv);
+  check_cuda_dtype(x);
+  const c10::cuda::CUDAGuard device_guard(x.device());
+  if (x.numel() == 0) return;
+  Tensor tmp = at::empty({g.batch, g.cp, g.height, g.width}, x.options());
+  const Tensor weight = weight_.contiguous();
+  const Tensor bias = bias_.has_value() && bias_->defined() ? bias_->contiguous() : Tensor();
+  conv_into(x, weight, bias, g.cp, /*transposed=*/false, tmp);
+  x.narrow(1, 0, g.cp).copy_(tmp);
+}
+
 std::tuple<Tensor, Tensor, Tensor> partial_conv2d_backward_cuda(const Tensor& grad_out, const Tensor& x,
                                                                  const Tensor& weight_,
                                                                  const std::optional<Tensor>& bias,
@@ -125,4 +140,5 @@ std::tuple<Tensor, Tensor, Tensor> partial_conv2d_backward_cuda(const Tensor& gr
 TORCH_LIBRARY_IMPL(accel, CUDA, m) {
   m.impl("partial_conv2d", &accel::partial_conv2d::cuda::partial_conv2d_cuda);
   m.impl("partial_conv2d_backward", &accel::partial_conv2d::cuda::partial_conv2d_backward_cuda);
+  m.impl("partial_conv2d_", &accel::partial_conv2d::cuda::partial_conv2d_inplace_cuda);
 }
