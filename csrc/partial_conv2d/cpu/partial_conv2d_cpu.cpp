@@ -1,11 +1,12 @@
-// CPU kernels of accel::partial_conv2d.
+// CPU kernels of accel::partial_conv2d (and partial_conv2d_, in place).
 //
 // Forward: a task is a band of rows of one image. Its input rows (the Cp convolved channels, one
 // halo row above and below) are loaded once into a zero-padded buffer in the accumulation type,
-// then every output row is computed from it, four output channels at a time over two vectors of
-// columns, and written straight into the output; the other channels are copied once. Backward:
-// grad_x is the same convolution of grad_out with the weights transposed and flipped (the other
-// channels pass through), grad_w and grad_b are sums over each worker's bands, added at the end.
+// then every output row is computed from it (the columns or, for narrow rows, the output channels
+// in the vector lanes) and written straight into the output; the other channels are copied once.
+// Backward: grad_x is the same convolution of grad_out with the weights transposed and flipped
+// (the other channels pass through); grad_w and grad_b are sums over fixed ranges of bands, added
+// in order. Compute-bound calls (many channels) hand the 3x3 convolution to ATen (oneDNN).
 #include <ATen/ATen.h>
 #include <ATen/Dispatch.h>
 #include <ATen/OpMathType.h>
