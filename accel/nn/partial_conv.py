@@ -52,13 +52,8 @@ class PartialConv2d(nn.Module):
                 ((3, 3), (1, 1), (1, 1), (1, 1), 1, "zeros") or conv.in_channels != cp or conv.out_channels != cp:
             raise ValueError(f"PartialConv2d.from_module: partial_conv3 must be a {cp}->{cp} 3x3 conv with stride 1, "
                              f"padding 1, no dilation or groups and zero padding, got {conv}")
-        forward = getattr(module.forward, "__name__", "")
-        new = cls.__new__(cls)
-        nn.Module.__init__(new)
-        new.dim = cp + module.dim_untouched
-        new.dim_conv3 = cp
-        new.dim_untouched = module.dim_untouched
-        new.forward_type = "slicing" if forward == "forward_slicing" else "split_cat"
+        forward = "slicing" if getattr(module.forward, "__name__", "") == "forward_slicing" else "split_cat"
+        new = cls(cp + module.dim_untouched, forward=forward, dim_conv=cp, device="meta")  # its own conv is dropped
         new.partial_conv3 = conv
         return new
 

@@ -76,13 +76,19 @@ def partial_conv2d(x: Tensor, weight: Tensor, bias: Optional[Tensor] = None, *, 
     Returns:
         ``(B, C, H, W)`` in ``x``'s dtype (accumulation in fp32 for bf16 and fp16).
     """
-    x, weight = tensor_arg(_NAME, "x", x), tensor_arg(_NAME, "weight", weight)
+    x, weight, cp = _arguments(_NAME, x, weight, dim_conv, n_div)
+    return torch.ops.accel.partial_conv2d(x, weight, bias, cp)
+
+
+def _arguments(op: str, x, weight, dim_conv: Optional[int], n_div: int):
+    """The schema's (x, weight, dim_conv): Cp from ``dim_conv``, or ``C // n_div`` without it."""
+    x, weight = tensor_arg(op, "x", x), tensor_arg(op, "weight", weight)
     if dim_conv is None:
-        n_div = int_arg(_NAME, "n_div", n_div)
+        n_div = int_arg(op, "n_div", n_div)
         if n_div < 1:
-            raise ValueError(f"{_NAME}: n_div must be >= 1, got {n_div}")
+            raise ValueError(f"{op}: n_div must be >= 1, got {n_div}")
         dim_conv = size(x, 1) // n_div
-    return torch.ops.accel.partial_conv2d(x, weight, bias, int_arg(_NAME, "dim_conv", dim_conv))
+    return x, weight, int_arg(op, "dim_conv", dim_conv)
 
 
 def partial_conv2d_(x: Tensor, weight: Tensor, bias: Optional[Tensor] = None, *, dim_conv: Optional[int] = None,
@@ -93,16 +99,11 @@ def partial_conv2d_(x: Tensor, weight: Tensor, bias: Optional[Tensor] = None, *,
     each output pixel reads its neighbours' old values), the others are not touched. Arguments as
     :func:`partial_conv2d`; not differentiable (use :func:`partial_conv2d` for training).
     """
-    x, weight = tensor_arg(_NAME, "x", x), tensor_arg(_NAME, "weight", weight)
-    if dim_conv is None:
-        n_div = int_arg(_NAME, "n_div", n_div)
-        if n_div < 1:
-            raise ValueError(f"{_NAME}_: n_div must be >= 1, got {n_div}")
-        dim_conv = size(x, 1) // n_div
+    x, weight, cp = _arguments(f"{_NAME}_", x, weight, dim_conv, n_div)
     if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (x, weight, bias)):
         raise RuntimeError(f"{_NAME}_ is for inference and has no gradient: call it under torch.no_grad(), or use "
                            f"{_NAME} to train")
-    torch.ops.accel.partial_conv2d_(x, weight, bias, int_arg(_NAME, "dim_conv", dim_conv))
+    torch.ops.accel.partial_conv2d_(x, weight, bias, cp)
     return x
 
 

@@ -51,12 +51,11 @@ def reason(conv: nn.Module, norm: nn.Module, shared: bool) -> Optional[str]:
     return None
 
 
-def fold(conv: nn.Module, norm: nn.Module) -> nn.Module:
-    """A new convolution equal to norm(conv(x)) in eval mode (torch's own folding formula)."""
-    return fuse_conv_bn_eval(conv, norm)
+# A new convolution equal to norm(conv(x)) in eval mode (torch's own folding formula).
+fold = fuse_conv_bn_eval
 
 
-def plan(root: nn.Module, shared_ids: set) -> Tuple[List[Tuple[str, nn.Sequential, str, str]], List[Tuple[str, str]]]:
+def plan(root: nn.Module, shared_ids: set) -> Tuple[List[Pair], List[Tuple[str, str]]]:
     """The pairs to fold, and (path of the BatchNorm, reason) for those that are not."""
     todo, skipped = [], []
     for path, seq, a, b in pairs(root):

@@ -383,6 +383,7 @@ void weight_grad(const Tensor& grad_out, const Tensor& x, int64_t cp, bool want_
   // added in order: the same gradients on every call (gradcheck asks for that), for a thread count.
   const int64_t tasks = B * band.bands, slots = std::max<int64_t>(1, std::min<int64_t>(tasks, at::get_num_threads()));
   const int64_t per_slot = cp * (cp * 9 + 1);  // (cp, cp*9) then (cp,)
+  const bool want_weight = grad_w.defined();
   std::vector<acc_t> partial(slots * per_slot, acc_t(0));
   auto sum_slot = [&](int64_t slot) {
     acc_t* sum = partial.data() + slot * per_slot;
@@ -391,7 +392,7 @@ void weight_grad(const Tensor& grad_out, const Tensor& x, int64_t cp, bool want_
     for (int64_t task = slot * tasks / slots; task < (slot + 1) * tasks / slots; ++task) {
       const int64_t b = task / band.bands, y0 = (task % band.bands) * band.rows_per_band;
       const int64_t n = std::min(band.rows_per_band, H - y0);
-      load_band(xs, b, cp, H, W, y0, n, band.ld, pad.data());
+      if (want_weight) load_band(xs, b, cp, H, W, y0, n, band.ld, pad.data());
       for (int64_t co = 0; co < cp; ++co) {
         for (int64_t r = 0; r < n; ++r) {
           const scalar_t* src = gs.row(b, co, y0 + r);
@@ -406,7 +407,7 @@ void weight_grad(const Tensor& grad_out, const Tensor& x, int64_t cp, bool want_
       // sum(co, ci*9 + k) += g(co, pixel) @ col(pixel, ci*9 + k): the band's input taps unrolled
       // (im2col), one product per band into this slot's sums
       const int64_t pixels = n * W;
-      for (int64_t r = 0; r < n; ++r) {
+      for (int64_t r = 0; r < n && want_weight; ++r) {
         for (int64_t xx = 0; xx < W; ++xx) {
           acc_t* c = col.data() + (r * W + xx) * cp * 9;
           for (int64_t ci = 0; ci < cp; ++ci) {
@@ -415,12 +416,7 @@ void weight_grad(const Tensor& grad_out, const Tensor& x, int64_t cp, bool want_
           }
         }
       }
-      switch (std::min<int64_t>(cp, 4)) {  // four output channels per pass, then the rest
-        case 4: grad_gemm<4>(g.data(), col.data(), cp, pixels, cp * 9, sum); break;
-        case 3: grad_gemm<3>(g.data(), col.data(), cp, pixels, cp * 9, sum); break;
-        case 2: grad_gemm<2>(g.data(), col.data(), cp, pixels, cp * 9, sum); break;
-        default: grad_gemm<1>(g.data(), col.data(), cp, pixels, cp * 9, sum);
-      }
+      if (want_weight) grad_gemm<4>(g.data(), col.data(), cp, pixels, cp * 9, sum);  // 4 output channels a pass
       if (want_bias) {
         for (int64_t co = 0; co < cp; ++co) sum[cp * cp * 9 + co] += cpu::sum(g.data() + co * pixels, pixels);
       }
@@ -434,7 +430,7 @@ void weight_grad(const Tensor& grad_out, const Tensor& x, int64_t cp, bool want_
     const acc_t* p = partial.data() + w * total.size();
     for (size_t i = 0; i < total.size(); ++i) total[i] += p[i];
   }
-  if (grad_w.defined()) convert_n(total.data(), grad_w.mutable_data_ptr<scalar_t>(), cp * cp * 9);
+  if (want_weight) convert_n(total.data(), grad_w.mutable_data_ptr<scalar_t>(), cp * cp * 9);
   if (want_bias) convert_n(total.data() + cp * cp * 9, grad_b.mutable_data_ptr<scalar_t>(), cp);
 }
 
