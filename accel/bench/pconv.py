@@ -8,7 +8,10 @@ Groups:
    n_div 4), batch 32 and 1, forward and forward+backward (gradients of x and the weight). Forward
    cases also time ``out.copy_(x)`` in the same rounds: accel's bandwidth (x read + output written,
    once each) as a fraction of the copy's.
-2. ``FasterNet``: whole ``fasternet_t0`` / ``fasternet_t1`` (timm, random weights, eval mode,
+2. ``PAT_ch``: ``accel.nn.PATChannel`` against PATNet's eager formula
+   (``accel.reference.partial_conv2d.PATChannelFormula``: split, conv, mean/std, gate, BatchNorm,
+   concatenate), the stage shapes, eval-mode forward and train-mode forward+backward (batch >= 2).
+3. ``FasterNet``: whole ``fasternet_t0`` / ``fasternet_t1`` (timm, random weights, eval mode,
    224x224) with ``accel.patch`` against unpatched, forward, batch 1 and 32, and again with
    ``fuse_bn=True`` (only with timm).
 """
@@ -21,7 +24,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from accel.bench.case import Case, Setup, backward_setup, element_size, no_grad_setup, tolerance
-from accel.nn import PartialConv2d
+from accel.nn import PartialConv2d, PATChannel
+from accel.reference.partial_conv2d import PATChannelFormula
 
 # (C, H = W) of FasterNet's stages; batches per preset
 STAGES = {"full": ((40, 56), (80, 28), (160, 14), (320, 7)), "quick": ((40, 56), (160, 14)), "tiny": ((8, 9),)}
@@ -78,6 +82,28 @@ def build_pconv(*, B: int, C: int, HW: int, mode: str, device: str, dtype: str, 
     return backward_setup(impls, (x, peer.partial_conv3.weight), gy)
 
 
+def build_pat_channel(*, B: int, C: int, HW: int, mode: str, device: str, dtype: str, seed: int = 0) -> Setup:
+    """accel PATChannel vs PATNet's eager PAT_ch formula, same weights and running statistics."""
+    dt = getattr(torch, dtype)
+    g = torch.Generator().manual_seed(seed)
+    peer = PATChannelFormula(C, N_DIV)
+    with torch.no_grad():  # weights ~ N(0, 1/fan_in), BatchNorms near identity: a trained net's scales
+        for conv in (peer.partial_conv3, peer.attn.cfc1):
+            conv.weight.copy_(torch.randn(conv.weight.shape, generator=g) / conv.weight[0].numel() ** 0.5)
+        for bn in (peer.attn.bn, peer.norm):
+            for t, base, spread in ((bn.weight, 1.0, 0.1), (bn.bias, 0.0, 0.1), (bn.running_mean, 0.0, 0.1)):
+                t.copy_(base + spread * torch.randn(t.shape, generator=g))
+            bn.running_var.copy_(0.5 + torch.rand(bn.running_var.shape, generator=g))
+    peer = peer.to(device=device, dtype=dt).train(mode != "fwd")
+    mine = PATChannel.from_module(peer)
+    x = torch.randn(B, C, HW, HW, generator=g).to(device=device, dtype=dt)
+    impls = {"accel": lambda: mine(x), "eager formula": lambda: peer(x)}
+    if mode == "fwd":
+        return no_grad_setup(impls)
+    gy = torch.randn(x.shape, generator=g).to(device=device, dtype=dt)
+    return backward_setup(impls, (x, peer.partial_conv3.weight, peer.attn.cfc1.weight), gy)
+
+
 def build_model(*, name: str, B: int, device: str, dtype: str, fuse_bn: bool = False, seed: int = 0) -> Setup:
     """A timm FasterNet patched by accel.patch (optionally with fuse_bn) vs the same model unpatched."""
     import timm
@@ -109,6 +135,20 @@ def cases(args) -> List[Case]:
                     bw_ref_bytes=2 * nbytes if bw else None, warm_params=dict(params, B=1, C=8, HW=8),
                     note=("accel GB/s = (x read + output written, once each) / median time; % is of out.copy_(x)'s "
                           "bandwidth (fastest round) in the same rounds"),
+                ))
+    for mode in ("fwd", "fwd+bwd"):
+        for B in BATCHES[size]:
+            if mode == "fwd+bwd" and B < 2:  # train mode: the gate's BatchNorm needs two images
+                continue
+            for C, HW in STAGES[size]:
+                params = dict(B=B, C=C, HW=HW, mode=mode, device=device, dtype=dtype)
+                out.append(Case(
+                    op="pconv", group=f"PAT_ch (PATNet, n_div {N_DIV}, {'eval' if mode == 'fwd' else 'train'}), "
+                                      f"{device} {dtype}",
+                    name=f"B{B} C{C} {HW}x{HW}", mode=mode, builder=build_pat_channel, params=params,
+                    peers=("eager formula",), check=("eager formula",), tol=tolerance(dtype, mode),
+                    warm_params=dict(params, B=2, C=8, HW=8),
+                    note="accel.nn.PATChannel against PATNet's eager PAT_ch (split, conv, mean/std gate, BatchNorm, cat)",
                 ))
     if _timm() is not None:
         for fuse_bn in (False, True):

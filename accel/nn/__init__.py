@@ -2,6 +2,7 @@
 from accel.nn.dilated_conv import TCN, DilatedConv1d
 from accel.nn.fused_moe import FusedMoE
 from accel.nn.partial_conv import PartialConv2d
+from accel.nn.pat import PATChannel
 from accel.nn.sigmoid_attention import (
     AdaptedSigmoidMultiheadAttention,
     SigmoidAttention,
@@ -11,5 +12,5 @@ from accel.nn.streaming_conv import StreamingConv1d, StreamingTCN
 
 __all__ = [
     "DilatedConv1d", "TCN", "FusedMoE", "SigmoidAttention", "SigmoidMultiheadAttention",
-    "AdaptedSigmoidMultiheadAttention", "StreamingConv1d", "StreamingTCN", "PartialConv2d",
+    "AdaptedSigmoidMultiheadAttention", "StreamingConv1d", "StreamingTCN", "PartialConv2d", "PATChannel",
 ]

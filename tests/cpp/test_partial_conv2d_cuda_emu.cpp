@@ -7,12 +7,16 @@
 // 1 to 16 channels a grad_weight group, one to eight row lanes), one split and several; inputs
 // contiguous, channels_last and strided along W (the gaps NaN); outputs contiguous or
 // channels_last, pre-filled with NaN so a missed write shows, and the channels >= Cp (the
-// launcher's copy) must stay untouched. Threads run in forward, reverse and warp-serial order.
+// launcher's copy) must stay untouched. The untouched channels' reductions (untouched_sums.cuh):
+// the statistics (mean, unbiased std, on inputs offset so that |mean| >> std) and the scale/shift
+// gradients' sums, over one share of the pixels and several. Threads run in forward, reverse and
+// warp-serial order.
 //
 // Build: the top-level CMakeLists.txt (needs the CUDA and torch headers, links c10).
 // Run:   test_partial_conv2d_cuda_emu [filter]   (exit 1 on any failure)
 #define ACCEL_CUDA_EMU_RUNTIME
 #include "partial_conv2d/cuda/partial_conv2d_kernels.cuh"
+#include "partial_conv2d/cuda/untouched_sums.cuh"
 
 #include <c10/util/BFloat16.h>
 #include <c10/util/Half.h>
@@ -107,6 +111,59 @@ std::string check_untouched(const char* what, const Tensor4<T>& t, int64_t cp) {
                           (long long)b, (long long)c, (long long)y, (long long)x);
             return buf;
           }
+  return "";
+}
+
+// The untouched channels' sums: statistics of x + 4 (mean far from 0) and the gradient sums of
+// (g, x), with the plan's shares and with cs.target_blocks forcing several.
+template <typename T>
+std::string untouched_sums_case(const Case& cs, const Tensor4<T>& x0, const Tensor4<T>& g) {
+  using acc_t = std::conditional_t<std::is_same_v<T, double>, double, float>;
+  const int64_t B = cs.batch, C = cs.channels, cp = cs.cp, H = cs.height, W = cs.width, cu = C - cp, N = H * W;
+  if (cu == 0) return "";
+  Tensor4<T> x = x0;
+  for (int64_t b = 0; b < B; ++b)
+    for (int64_t c = 0; c < C; ++c)
+      for (int64_t y = 0; y < H; ++y)
+        for (int64_t xx = 0; xx < W; ++xx) x.at(b, c, y, xx) = static_cast<T>(x0.get(b, c, y, xx) + 4.0);
+  const double tol = tolerance<T>();
+  for (int64_t target : {int64_t(1), cs.target_blocks * 16}) {
+    pc::SumsParams sp{x.data.data(), x.s, nullptr, pc::Strides{}, B, cp, cu, N, W, pc::channel_fastest(x.s)};
+    pc::SumsPlan pl = pc::plan_sums(sp, target);
+    std::vector<acc_t> part(pl.shares * B * cu * 2);
+    std::vector<T> mean(B * cu), sd(B * cu);
+    pc::launch_sums<true, T, acc_t, T>(sp, pl, part.data(), mean.data(), sd.data(), 0);
+    pc::SumsParams gp{g.data.data(), g.s, x.data.data(), x.s, B, cp, cu, N, W, pc::channel_fastest(g.s)};
+    pl = pc::plan_sums(gp, target);
+    part.assign(pl.shares * B * cu * 2, acc_t(0));
+    std::vector<T> sgx(B * cu), sg(B * cu);
+    pc::launch_sums<false, T, acc_t, T>(gp, pl, part.data(), sgx.data(), sg.data(), 0);
+    for (int64_t b = 0; b < B; ++b)
+      for (int64_t c = 0; c < cu; ++c) {
+        double s1 = 0, s2 = 0, a1 = 0, a2 = 0, a3 = 0;
+        for (int64_t y = 0; y < H; ++y)
+          for (int64_t xx = 0; xx < W; ++xx) {
+            const double v = x.get(b, cp + c, y, xx), gv = g.get(b, cp + c, y, xx);
+            s1 += v, a1 += gv * v, a2 += gv, a3 += std::fabs(gv);
+            s2 += std::fabs(gv * v);
+          }
+        const double m = s1 / N;
+        double m2 = 0;
+        for (int64_t y = 0; y < H; ++y)
+          for (int64_t xx = 0; xx < W; ++xx) m2 += (x.get(b, cp + c, y, xx) - m) * (x.get(b, cp + c, y, xx) - m);
+        const int64_t j = b * cu + c;
+        std::string e = compare("mean", static_cast<double>(mean[j]), m, std::fabs(m), tol, b, c, target, 0);
+        if (e.empty() && N > 1) {
+          const double sdv = std::sqrt(m2 / (N - 1));
+          // the shifted sums lose about |mean| / std digits of the variance to rounding
+          e = compare("std", static_cast<double>(sd[j]), sdv, sdv + std::fabs(m) * 4, tol, b, c, target, 0);
+        }
+        if (e.empty() && N == 1 && !std::isnan(static_cast<double>(sd[j]))) e = "  std of one pixel is not NaN";
+        if (e.empty()) e = compare("sum_gx", static_cast<double>(sgx[j]), a1, s2, tol, b, c, target, 1);
+        if (e.empty()) e = compare("sum_g", static_cast<double>(sg[j]), a2, a3, tol, b, c, target, 2);
+        if (!e.empty()) return e;
+      }
+  }
   return "";
 }
 
@@ -217,7 +274,7 @@ std::string run_case(const Case& cs, emu::Order order, uint64_t seed) {
       return "  grad_b written without a grad_b pointer";
     }
   }
-  return "";
+  return untouched_sums_case<T>(cs, x, g);
 }
 
 std::vector<Case> cases() {

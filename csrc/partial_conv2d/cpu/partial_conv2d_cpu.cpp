@@ -3,10 +3,12 @@
 // Forward: a task is a band of rows of one image. Its input rows (the Cp convolved channels, one
 // halo row above and below) are loaded once into a zero-padded buffer in the accumulation type,
 // then every output row is computed from it (the columns or, for narrow rows, the output channels
-// in the vector lanes) and written straight into the output; the other channels are copied once.
+// in the vector lanes) and written straight into the output; the other channels are copied (or
+// scaled and shifted per plane) in one pass.
 // Backward: grad_x is the same convolution of grad_out with the weights transposed and flipped
-// (the other channels pass through); grad_w and grad_b are sums over fixed ranges of bands, added
-// in order. Compute-bound calls (many channels) hand the 3x3 convolution to ATen (oneDNN).
+// (the other channels pass through, times the scale); grad_w and grad_b are sums over fixed ranges
+// of bands, added in order; the scale's and shift's are per-plane sums (untouched_sums.cpp).
+// Compute-bound calls (many channels) hand the 3x3 convolution to ATen (oneDNN).
 #include <ATen/ATen.h>
 #include <ATen/Dispatch.h>
 #include <ATen/OpMathType.h>
@@ -21,6 +23,7 @@
 #include "common/cpu_isa.h"
 #include "common/cpu_vec.h"
 #include "common/parallel.h"
+#include "partial_conv2d/cpu/untouched_sums.h"
 #include "partial_conv2d/partial_conv2d.h"
 
 namespace accel::partial_conv2d {
@@ -46,6 +49,20 @@ bool library_conv(const Tensor& x, int64_t cp) {
     if (cp >= kLibraryMinChannelsBf16Dot && macs >= kLibraryMinMacsBf16Dot) return true;
   }
   return cp >= kLibraryMinChannels;
+}
+
+// The dtype ATen's convolution runs in: bf16 without bf16 dot products is widened to fp32 (oneDNN's
+// bf16 path there converts per element: about 30x slower than its fp32 one on an AVX2 Zen 3, B32
+// C320 7x7).
+at::ScalarType library_type(const Tensor& x) {
+  return x.scalar_type() == at::kBFloat16 && !cpu::cpu_has_avx512_bf16() ? at::kFloat : x.scalar_type();
+}
+
+// ATen's 3x3 convolution of in[:, :cp] (stride 1, padding 1), in library_type(in).
+Tensor library_conv2d(const Tensor& in, const Tensor& weight, const OptTensor& bias, int64_t cp) {
+  const auto t = library_type(in);
+  const OptTensor b = given(bias) ? OptTensor(bias->to(t)) : std::nullopt;
+  return at::conv2d(in.narrow(1, 0, cp).to(t), weight.to(t), b, 1, 1);
 }
 
 // Element (b, c, y, x) of a 4-D tensor at p + b*sb + c*sc + y*sh + x*sw.
@@ -267,20 +284,15 @@ void check_cpu_dtype(const Tensor& x) {
                    "; the CPU kernels take float32, float64 and bfloat16");
 }
 
-// out[:, cp:] = in[:, cp:] (one copy, in both tensors' layouts).
-void copy_untouched(const Tensor& in, int64_t cp, Tensor& out) {
-  const int64_t rest = in.size(1) - cp;
-  if (rest > 0) out.narrow(1, cp, rest).copy_(in.narrow(1, cp, rest));
-}
-
-Tensor partial_conv2d_cpu(const Tensor& x, const Tensor& weight, const std::optional<Tensor>& bias, int64_t dim_conv) {
-  const Geometry g = check_forward(x, weight, bias, dim_conv);
+Tensor partial_conv2d_cpu(const Tensor& x, const Tensor& weight, const OptTensor& bias, int64_t dim_conv,
+                          const OptTensor& scale, const OptTensor& shift) {
+  const Geometry g = check_forward(x, weight, bias, dim_conv, scale, shift);
   check_cpu_dtype(x);
   Tensor out = empty_like_output(x);
   if (out.numel() == 0) return out;
-  copy_untouched(x, g.cp, out);
+  untouched_into(x, g.cp, scale, shift, out);
   if (library_conv(x, g.cp)) {
-    out.narrow(1, 0, g.cp).copy_(at::conv2d(x.narrow(1, 0, g.cp), weight, bias, 1, 1));
+    out.narrow(1, 0, g.cp).copy_(library_conv2d(x, weight, bias, g.cp));
     return out;
   }
   AT_DISPATCH_FLOATING_TYPES_AND(at::kBFloat16, x.scalar_type(), "partial_conv2d_cpu", [&] {
@@ -299,14 +311,18 @@ Tensor partial_conv2d_cpu(const Tensor& x, const Tensor& weight, const std::opti
 
 // In place: the convolution of x's first Cp channels goes to a (B, Cp, H, W) temporary (the bands
 // read halo rows that a neighbouring band would already have overwritten), then over them.
-void partial_conv2d_inplace_cpu(const Tensor& x, const Tensor& weight, const std::optional<Tensor>& bias,
-                                int64_t dim_conv) {
-  const Geometry g = check_inplace(x, weight, bias, dim_conv);
+void partial_conv2d_inplace_cpu(const Tensor& x, const Tensor& weight, const OptTensor& bias, int64_t dim_conv,
+                                const OptTensor& scale, const OptTensor& shift) {
+  const Geometry g = check_inplace(x, weight, bias, dim_conv, scale, shift);
   check_cpu_dtype(x);
   if (x.numel() == 0) return;
+  if (given(scale) || given(shift)) {
+    Tensor xo = x;
+    untouched_into(x, g.cp, scale, shift, xo);
+  }
   const Tensor conv = x.narrow(1, 0, g.cp);
   if (library_conv(x, g.cp)) {
-    conv.copy_(at::conv2d(conv, weight, bias, 1, 1));
+    conv.copy_(library_conv2d(x, weight, bias, g.cp));
     return;
   }
   Tensor tmp = at::empty({g.batch, g.cp, g.height, g.width}, x.options());
@@ -434,17 +450,31 @@ void weight_grad(const Tensor& grad_out, const Tensor& x, int64_t cp, bool want_
   if (want_bias) convert_n(total.data() + cp * cp * 9, grad_b.mutable_data_ptr<scalar_t>(), cp);
 }
 
-std::tuple<Tensor, Tensor, Tensor> partial_conv2d_backward_cpu(const Tensor& grad_out, const Tensor& x,
-                                                                const Tensor& weight,
-                                                                const std::optional<Tensor>& bias, int64_t dim_conv,
-                                                                std::array<bool, 3> mask) {
-  const Geometry g = check_backward(grad_out, x, weight, bias, dim_conv);
+using Grads = std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor>;
+
+Grads partial_conv2d_backward_cpu(const Tensor& grad_out, const Tensor& x, const Tensor& weight, const OptTensor& bias,
+                                  int64_t dim_conv, const OptTensor& scale, const OptTensor& shift,
+                                  std::array<bool, 5> mask) {
+  const Geometry g = check_backward(grad_out, x, weight, bias, dim_conv, scale, shift);
   check_cpu_dtype(x);
   const bool has_bias = bias.has_value() && bias->defined();
   Tensor grad_x = mask[0] ? empty_like_output(x) : at::empty({0}, x.options());
   Tensor grad_w = mask[1] ? at::empty(weight.sizes(), weight.options()) : at::empty({0}, x.options());
   Tensor grad_b = mask[2] && has_bias ? at::empty({g.cp}, weight.options()) : at::empty({0}, x.options());
-  if (mask[0] && grad_x.numel() > 0) copy_untouched(grad_out, g.cp, grad_x);
+  Tensor grad_scale = at::empty({0}, x.options()), grad_shift = at::empty({0}, x.options());
+  const bool want_scale = mask[3] && given(scale), want_shift = mask[4] && given(shift);
+  if (want_scale || want_shift) {  // per-plane sums of grad_out * x and grad_out over the untouched channels
+    const auto acc = x.options().dtype(at::toOpMathType(x.scalar_type()));
+    Tensor sum_gx = at::empty({g.batch, g.channels - g.cp}, acc), sum_g = at::empty_like(sum_gx);
+    if (x.numel() > 0) {
+      untouched_sums_cpu(grad_out, x, g.cp, sum_gx, sum_g);
+    } else {
+      sum_gx.zero_(), sum_g.zero_();
+    }
+    if (want_scale) grad_scale = sum_gx.to(x.scalar_type());
+    if (want_shift) grad_shift = sum_g.to(x.scalar_type());
+  }
+  if (mask[0] && grad_x.numel() > 0) untouched_into(grad_out, g.cp, scale, std::nullopt, grad_x);
   const bool empty = x.numel() == 0;
   if (empty) {  // nothing to sum over
     if (mask[1]) grad_w.zero_();
@@ -453,13 +483,14 @@ std::tuple<Tensor, Tensor, Tensor> partial_conv2d_backward_cpu(const Tensor& gra
   if (library_conv(x, g.cp) && !empty) {
     const std::optional<at::IntArrayRef> bias_sizes =
         has_bias ? std::optional<at::IntArrayRef>(bias->sizes()) : std::nullopt;
-    auto [gx, gw, gb] = at::convolution_backward(grad_out.narrow(1, 0, g.cp), x.narrow(1, 0, g.cp), weight,
-                                                 bias_sizes, {1, 1}, {1, 1}, {1, 1}, false, {0, 0}, 1,
+    const auto t = library_type(x);
+    auto [gx, gw, gb] = at::convolution_backward(grad_out.narrow(1, 0, g.cp).to(t), x.narrow(1, 0, g.cp).to(t),
+                                                 weight.to(t), bias_sizes, {1, 1}, {1, 1}, {1, 1}, false, {0, 0}, 1,
                                                  {mask[0], mask[1], mask[2] && has_bias});
     if (mask[0]) grad_x.narrow(1, 0, g.cp).copy_(gx);
     if (mask[1]) grad_w.copy_(gw);
     if (grad_b.numel() > 0) grad_b.copy_(gb);
-    return {grad_x, grad_w, grad_b};
+    return {grad_x, grad_w, grad_b, grad_scale, grad_shift};
   }
   AT_DISPATCH_FLOATING_TYPES_AND(at::kBFloat16, x.scalar_type(), "partial_conv2d_backward_cpu", [&] {
     if (mask[0] && !empty) {
@@ -470,7 +501,7 @@ std::tuple<Tensor, Tensor, Tensor> partial_conv2d_backward_cpu(const Tensor& gra
       weight_grad<scalar_t>(grad_out, x, g.cp, grad_b.numel() > 0, mask[1] ? grad_w : none, grad_b);
     }
   });
-  return {grad_x, grad_w, grad_b};
+  return {grad_x, grad_w, grad_b, grad_scale, grad_shift};
 }
 
 }  // namespace
