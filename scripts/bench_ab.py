@@ -10,7 +10,8 @@ Only one worker runs at a time and the two builds' bursts are seconds apart, so 
 reaches both alike. A process also has its own speed for a kernel (where the allocator put its
 tensors: 4K aliasing between input and output, page placement), up to +-30% on a 2-core VM, so this
 is repeated with ``--processes`` fresh pairs and each build's time is the median over the pairs of
-the pair's median. The peers run the same code in both builds: their change is the noise floor. Exits 1 when an accel change is beyond ``--tolerance`` (default 5%).
+the pair's median. The peers run the same code in both builds: their change is the noise floor.
+Exits 1 when an accel change is beyond ``--tolerance`` (default 5%).
 
 Each tree is imported as it is (no install): build its extension with ``python setup.py build_ext
 --inplace`` (``ACCEL_CUDA=0`` for CPU cases). The cases' definitions must match in both trees.

@@ -148,7 +148,8 @@ def cases(args) -> List[Case]:
                     name=f"B{B} C{C} {HW}x{HW}", mode=mode, builder=build_pat_channel, params=params,
                     peers=("eager formula",), check=("eager formula",), tol=tolerance(dtype, mode),
                     warm_params=dict(params, B=2, C=8, HW=8),
-                    note="accel.nn.PATChannel against PATNet's eager PAT_ch (split, conv, mean/std gate, BatchNorm, cat)",
+                    note=("accel.nn.PATChannel against PATNet's eager PAT_ch (split, conv, mean/std gate, BatchNorm, "
+                          "cat)"),
                 ))
     if _timm() is not None:
         for fuse_bn in (False, True):

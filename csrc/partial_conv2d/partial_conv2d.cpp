@@ -127,9 +127,13 @@ Geometry check_stats_backward(const at::Tensor& grad_mean, const at::Tensor& gra
   return g;
 }
 
-at::Tensor stats_backward_from_coefficients(const at::Tensor& grad_mean, const at::Tensor& grad_std,
-                                            const at::Tensor& x, const at::Tensor& mean, const at::Tensor& std,
-                                            int64_t cp) {
+// grad_x of the statistics: 0 for c < Cp, else x * alpha + beta per (b, c) plane with
+//   alpha = grad_std / ((N - 1) std),  beta = grad_mean / N - mean * alpha
+// (coefficients in the accumulation type on x's device, then one ATen pass over x).
+at::Tensor partial_conv2d_stats_backward(const at::Tensor& grad_mean, const at::Tensor& grad_std,
+                                         const at::Tensor& x, const at::Tensor& mean, const at::Tensor& std,
+                                         int64_t dim_conv) {
+  check_stats_backward(grad_mean, grad_std, x, mean, std, dim_conv);
   const auto acc = at::toOpMathType(x.scalar_type());
   const double n = static_cast<double>(x.size(2) * x.size(3));
   const at::Tensor s = std.to(acc);
@@ -138,16 +142,9 @@ at::Tensor stats_backward_from_coefficients(const at::Tensor& grad_mean, const a
   const at::Tensor beta = grad_mean.to(acc) / n - mean.to(acc) * alpha;
   at::Tensor grad_x = empty_like_output(x);
   if (grad_x.numel() == 0) return grad_x;
-  if (cp > 0) grad_x.narrow(1, 0, cp).zero_();
-  untouched_into(x, cp, alpha, beta, grad_x);
+  if (dim_conv > 0) grad_x.narrow(1, 0, dim_conv).zero_();
+  untouched_into(x, dim_conv, alpha, beta, grad_x);
   return grad_x;
-}
-
-at::Tensor partial_conv2d_stats_backward(const at::Tensor& grad_mean, const at::Tensor& grad_std,
-                                         const at::Tensor& x, const at::Tensor& mean, const at::Tensor& std,
-                                         int64_t dim_conv) {
-  check_stats_backward(grad_mean, grad_std, x, mean, std, dim_conv);
-  return stats_backward_from_coefficients(grad_mean, grad_std, x, mean, std, dim_conv);
 }
 
 }  // namespace accel::partial_conv2d

@@ -51,11 +51,4 @@ Geometry check_stats(const at::Tensor& x, int64_t dim_conv);
 Geometry check_stats_backward(const at::Tensor& grad_mean, const at::Tensor& grad_std, const at::Tensor& x,
                               const at::Tensor& mean, const at::Tensor& std, int64_t dim_conv);
 
-// grad_x of the statistics: 0 for c < Cp, else x * alpha + beta with, per (b, c),
-//   alpha = grad_std / ((N - 1) std),  beta = grad_mean / N - mean * alpha
-// (alpha and beta computed in the accumulation type, on x's device; one pass over x).
-at::Tensor stats_backward_from_coefficients(const at::Tensor& grad_mean, const at::Tensor& grad_std,
-                                            const at::Tensor& x, const at::Tensor& mean, const at::Tensor& std,
-                                            int64_t cp);
-
 }  // namespace accel::partial_conv2d

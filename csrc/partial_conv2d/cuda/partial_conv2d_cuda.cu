@@ -46,13 +46,14 @@ void untouched_sums(const Tensor& a, const Tensor& b, int64_t cp, Tensor& out1, 
                      a.size(2) * a.size(3), a.size(3), channel_fastest(strides_of(a))};
   const int64_t sms = at::cuda::getCurrentDeviceProperties()->multiProcessorCount;
   const SumsPlan pl = plan_sums(p, kSumsBlocksPerSM * sms);
-  TORCH_CHECK(pl.blocks_x <= kMaxGridX, kOp, ": input of shape ", a.sizes(), " needs more CUDA blocks than a launch allows");
+  TORCH_CHECK(pl.blocks_x <= kMaxGridX, kOp, ": input of shape ", a.sizes(),
+              " needs more CUDA blocks than a launch allows");
   cudaStream_t stream = at::cuda::getCurrentCUDAStream();
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, a.scalar_type(), "partial_conv2d_untouched_sums", [&] {
     using acc_t = at::opmath_type<scalar_t>;
     Tensor partial = at::empty({pl.shares * p.batch * p.cu * 2}, a.options().dtype(at::toOpMathType(a.scalar_type())));
-    launch_sums<kStats, scalar_t, acc_t, out_t>(p, pl, partial.mutable_data_ptr<acc_t>(), out1.mutable_data_ptr<out_t>(),
-                                                out2.mutable_data_ptr<out_t>(), stream);
+    launch_sums<kStats, scalar_t, acc_t, out_t>(p, pl, partial.mutable_data_ptr<acc_t>(),
+                                                out1.mutable_data_ptr<out_t>(), out2.mutable_data_ptr<out_t>(), stream);
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   });
 }
