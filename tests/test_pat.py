@@ -234,6 +234,14 @@ def test_from_module_shares_layers():
         PATChannel.from_module(nn.Conv2d(3, 3, 3))
     with pytest.raises(ValueError, match=r"must be in \[1, dim=8\)"):
         PATChannel(8, dim_conv=8)
+    padded = copy.deepcopy(eager)
+    padded.attn.cfc1.padding = (0, 1)
+    with pytest.raises(ValueError, match="unsupported layer shapes"):
+        PATChannel.from_module(padded)
+    with pytest.raises(ValueError, match=r"PATChannel: x must have dim=40 channels, got shape \(2, 36, 8, 8\)"):
+        mine(torch.randn(2, 36, 8, 8))
+    with pytest.raises(ValueError, match=r"partial_conv2d_stats: x must be 4-D"):
+        mine(torch.randn(2, 40, 8))
 
 
 @pytest.mark.parametrize("training", [True, False])

@@ -129,6 +129,7 @@ class PATChannel(nn.Module):
         if conv.kernel_size != (3, 3) or conv.stride != (1, 1) or conv.padding != (1, 1) or conv.groups != 1 \
                 or conv.dilation != (1, 1) or conv.padding_mode != "zeros" or conv.in_channels != cp \
                 or conv.out_channels != cp or cfc1.kernel_size != (1, 2) or cfc1.groups != 1 \
+                or cfc1.stride != (1, 1) or cfc1.padding != (0, 0) or cfc1.dilation != (1, 1) \
                 or cfc1.in_channels != cu or cfc1.out_channels != cu or bn.num_features != cu \
                 or norm.num_features != cu:
             raise ValueError(f"PATChannel.from_module: unsupported layer shapes in {module}")
@@ -140,6 +141,8 @@ class PATChannel(nn.Module):
 
     def forward(self, x: Tensor) -> Tensor:
         cp = self.dim_conv3
+        if x.dim() == 4 and x.shape[1] != self.dim:
+            raise ValueError(f"PATChannel: x must have dim={self.dim} channels, got shape {tuple(x.shape)}")
         mean, std = partial_conv2d_stats(x, dim_conv=cp)
         g = self.attn.gate(mean, std)
         scale, shift = _norm_affine(self.norm, mean, std, g, x.shape[2] * x.shape[3])
