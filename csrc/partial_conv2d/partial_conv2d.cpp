@@ -14,14 +14,17 @@ namespace accel::partial_conv2d {
 
 namespace {
 
-// scale / shift: (B, C - Cp), x's dtype and device.
+// A per-plane tensor of op: (B, C - Cp), x's dtype and device.
+void check_planes(const char* op, const char* name, const at::Tensor& t, const at::Tensor& x, const Geometry& g) {
+  check_dim(op, name, t, 2, "(B, C - Cp)");
+  TORCH_CHECK_VALUE(t.size(0) == g.batch && t.size(1) == g.channels - g.cp, op, ": ", name,
+                    " must have shape (B, C - Cp) = (", g.batch, ", ", g.channels - g.cp, "), got ", shape_str(t));
+  check_same_dtype(op, name, t, x, "x");
+  check_same_device(op, name, t, x, "x");
+}
+
 void check_per_plane(const char* name, const OptTensor& t, const at::Tensor& x, const Geometry& g) {
-  if (!given(t)) return;
-  check_dim(kOp, name, *t, 2, "(B, C - Cp)");
-  TORCH_CHECK_VALUE(t->size(0) == g.batch && t->size(1) == g.channels - g.cp, kOp, ": ", name,
-                    " must have shape (B, C - Cp) = (", g.batch, ", ", g.channels - g.cp, "), got ", shape_str(*t));
-  check_same_dtype(kOp, name, *t, x, "x");
-  check_same_device(kOp, name, *t, x, "x");
+  if (given(t)) check_planes(kOp, name, *t, x, g);
 }
 
 at::Tensor per_plane(const at::Tensor& t) { return t.unsqueeze(-1).unsqueeze(-1); }
@@ -85,7 +88,7 @@ at::Tensor empty_like_output(const at::Tensor& x) {
 }
 
 void untouched_into(const at::Tensor& in, int64_t cp, const OptTensor& scale, const OptTensor& shift,
-                    at::Tensor& out) {
+                    const at::Tensor& out) {
   const int64_t rest = in.size(1) - cp;
   if (rest == 0 || in.numel() == 0) return;
   const at::Tensor src = in.narrow(1, cp, rest);
@@ -117,13 +120,7 @@ Geometry check_stats_backward(const at::Tensor& grad_mean, const at::Tensor& gra
   const Geometry g = check_stats(x, dim_conv);
   const std::pair<const char*, const at::Tensor*> args[] = {
       {"grad_mean", &grad_mean}, {"grad_std", &grad_std}, {"mean", &mean}, {"std", &std}};
-  for (const auto& [name, t] : args) {
-    TORCH_CHECK_VALUE(t->dim() == 2 && t->size(0) == g.batch && t->size(1) == g.channels - g.cp, kStatsOp, ": ",
-                      name, " must have shape (B, C - Cp) = (", g.batch, ", ", g.channels - g.cp, "), got ",
-                      shape_str(*t));
-    check_same_dtype(kStatsOp, name, *t, x, "x");
-    check_same_device(kStatsOp, name, *t, x, "x");
-  }
+  for (const auto& [name, t] : args) check_planes(kStatsOp, name, *t, x, g);
   return g;
 }
 

@@ -41,7 +41,7 @@ inline bool given(const OptTensor& t) { return t.has_value() && t->defined(); }
 // out[:, cp:] = in[:, cp:] * scale + shift, either optional (a copy without both): one pass on
 // in's device, in both tensors' layouts, accumulating in fp32 for reduced-precision types.
 void untouched_into(const at::Tensor& in, int64_t cp, const OptTensor& scale, const OptTensor& shift,
-                    at::Tensor& out);
+                    const at::Tensor& out);
 
 // PAT_ch's statistics of the untouched channels c >= Cp, N = H * W:
 //   mean[b, c - Cp] = sum_{y,x} x[b, c, y, x] / N,  std[b, c - Cp] = sqrt(sum (x - mean)^2 / (N - 1))

@@ -278,16 +278,11 @@ std::vector<at::opmath_type<scalar_t>> arrange_weight(const Tensor& weight, bool
   return wt;
 }
 
-void check_cpu_dtype(const Tensor& x) {
-  const auto t = x.scalar_type();
-  TORCH_CHECK_TYPE(t == at::kFloat || t == at::kDouble || t == at::kBFloat16, kOp, ": x has dtype ", t,
-                   "; the CPU kernels take float32, float64 and bfloat16");
-}
 
 Tensor partial_conv2d_cpu(const Tensor& x, const Tensor& weight, const OptTensor& bias, int64_t dim_conv,
                           const OptTensor& scale, const OptTensor& shift) {
   const Geometry g = check_forward(x, weight, bias, dim_conv, scale, shift);
-  check_cpu_dtype(x);
+  check_cpu_dtype(kOp, x);
   Tensor out = empty_like_output(x);
   if (out.numel() == 0) return out;
   untouched_into(x, g.cp, scale, shift, out);
@@ -314,12 +309,9 @@ Tensor partial_conv2d_cpu(const Tensor& x, const Tensor& weight, const OptTensor
 void partial_conv2d_inplace_cpu(const Tensor& x, const Tensor& weight, const OptTensor& bias, int64_t dim_conv,
                                 const OptTensor& scale, const OptTensor& shift) {
   const Geometry g = check_inplace(x, weight, bias, dim_conv, scale, shift);
-  check_cpu_dtype(x);
+  check_cpu_dtype(kOp, x);
   if (x.numel() == 0) return;
-  if (given(scale) || given(shift)) {
-    Tensor xo = x;
-    untouched_into(x, g.cp, scale, shift, xo);
-  }
+  if (given(scale) || given(shift)) untouched_into(x, g.cp, scale, shift, x);
   const Tensor conv = x.narrow(1, 0, g.cp);
   if (library_conv(x, g.cp)) {
     conv.copy_(library_conv2d(x, weight, bias, g.cp));
@@ -456,7 +448,7 @@ Grads partial_conv2d_backward_cpu(const Tensor& grad_out, const Tensor& x, const
                                   int64_t dim_conv, const OptTensor& scale, const OptTensor& shift,
                                   std::array<bool, 5> mask) {
   const Geometry g = check_backward(grad_out, x, weight, bias, dim_conv, scale, shift);
-  check_cpu_dtype(x);
+  check_cpu_dtype(kOp, x);
   const bool has_bias = bias.has_value() && bias->defined();
   Tensor grad_x = mask[0] ? empty_like_output(x) : at::empty({0}, x.options());
   Tensor grad_w = mask[1] ? at::empty(weight.sizes(), weight.options()) : at::empty({0}, x.options());

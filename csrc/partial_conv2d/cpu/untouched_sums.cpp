@@ -188,11 +188,6 @@ void sums_impl(const Tensor& a_t, const Tensor* b_t, int64_t cp, at::opmath_type
   });
 }
 
-void check_cpu_dtype(const char* op, const Tensor& x) {
-  const auto t = x.scalar_type();
-  TORCH_CHECK_TYPE(t == at::kFloat || t == at::kDouble || t == at::kBFloat16, op, ": x has dtype ", t,
-                   "; the CPU kernels take float32, float64 and bfloat16");
-}
 
 std::tuple<Tensor, Tensor> partial_conv2d_stats_cpu(const Tensor& x, int64_t dim_conv) {
   const Geometry g = check_stats(x, dim_conv);
@@ -222,6 +217,12 @@ std::tuple<Tensor, Tensor> partial_conv2d_stats_cpu(const Tensor& x, int64_t dim
 }
 
 }  // namespace
+
+void check_cpu_dtype(const char* op, const Tensor& x) {
+  const auto t = x.scalar_type();
+  TORCH_CHECK_TYPE(t == at::kFloat || t == at::kDouble || t == at::kBFloat16, op, ": x has dtype ", t,
+                   "; the CPU kernels take float32, float64 and bfloat16");
+}
 
 void untouched_sums_cpu(const Tensor& grad_out, const Tensor& x, int64_t cp, Tensor& sum_gx, Tensor& sum_g) {
   AT_DISPATCH_FLOATING_TYPES_AND(at::kBFloat16, x.scalar_type(), "partial_conv2d_untouched_sums", [&] {

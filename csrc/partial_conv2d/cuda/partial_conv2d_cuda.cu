@@ -100,10 +100,7 @@ void partial_conv2d_inplace_cuda(const Tensor& x, const Tensor& weight_, const O
   check_cuda_dtype(x);
   const c10::cuda::CUDAGuard device_guard(x.device());
   if (x.numel() == 0) return;
-  if (given(scale) || given(shift)) {
-    Tensor xo = x;
-    untouched_into(x, g.cp, scale, shift, xo);
-  }
+  if (given(scale) || given(shift)) untouched_into(x, g.cp, scale, shift, x);
   Tensor tmp = at::empty({g.batch, g.cp, g.height, g.width}, x.options());
   const Tensor weight = weight_.contiguous();
   const Tensor bias = bias_.has_value() && bias_->defined() ? bias_->contiguous() : Tensor();
